@@ -1,0 +1,13 @@
+# The two commands of the README. Both set up .venv first (idempotent, offline-capable).
+PY := .venv/bin/python
+
+.PHONY: setup quickstart test
+
+setup:
+	bash scripts/setup_env.sh
+
+quickstart: setup
+	$(PY) tools/quickstart.py --output output/quickstart
+
+test: setup
+	$(PY) -m pytest tests -q -ra

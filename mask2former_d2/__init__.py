@@ -1,0 +1,11 @@
+"""MaskFormer and Mask2Former for Detectron2.
+
+Importing the package registers the meta-architecture, backbones, heads, pixel and
+transformer decoders, dataset mappers and datasets with Detectron2.
+"""
+from . import data  # noqa: F401  (registers datasets)
+from . import modeling  # noqa: F401  (registers models)
+from .config import add_maskformer2_config
+
+__all__ = ["add_maskformer2_config"]
+__version__ = "0.1.0"

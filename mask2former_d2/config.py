@@ -1,0 +1,113 @@
+"""Configuration keys of MaskFormer / Mask2Former.
+
+``add_maskformer2_config`` defines every key of the published Mask2Former config with the
+published default, so published YAML files merge unchanged (after Detectron2's
+``add_deeplab_config``). Keys this project adds have defaults that keep published behaviour.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_maskformer2_config"]
+
+
+def add_maskformer2_config(cfg: CN) -> None:
+    """Adds the MaskFormer/Mask2Former keys to ``cfg`` in place."""
+    # ---------------------------------------------------------------- data
+    # Name of the dataset mapper used for training (see mask2former_d2.data).
+    cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"
+    # Photometric distortion as in SSD.
+    cfg.INPUT.COLOR_AUG_SSD = False
+    # Random crops are retried until no category covers more than this fraction of the crop.
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # Padding divisibility applied by the semantic mapper (-1: no padding).
+    cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # Large-scale jitter: output size and scale range.
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    # -------------------------------------------------------------- solver
+    # Weight decay applied to embeddings (query features, level embeddings, ...).
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # "ADAMW" or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Learning-rate factor for backbone parameters.
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Exponent of the "WarmupPolyLR" schedule (used by the semantic configs).
+    if "POLY_LR_POWER" not in cfg.SOLVER:
+        cfg.SOLVER.POLY_LR_POWER = 0.9
+    if "POLY_LR_CONSTANT_ENDING" not in cfg.SOLVER:
+        cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+
+    # --------------------------------------------------------------- model
+    mf = cfg.MODEL.MASK_FORMER = CN()
+    # Loss: deep supervision on every decoder layer, class weights and loss weights.
+    mf.DEEP_SUPERVISION = True
+    mf.NO_OBJECT_WEIGHT = 0.1
+    mf.CLASS_WEIGHT = 1.0
+    mf.DICE_WEIGHT = 1.0
+    mf.MASK_WEIGHT = 20.0
+    # "point": BCE + dice on importance-sampled points (Mask2Former);
+    # "full": sigmoid focal + dice on full-resolution masks (original MaskFormer).
+    mf.MASK_LOSS_TYPE = "point"
+
+    # Transformer decoder.
+    mf.NHEADS = 8
+    mf.DROPOUT = 0.1
+    mf.DIM_FEEDFORWARD = 2048
+    mf.ENC_LAYERS = 0
+    mf.DEC_LAYERS = 6
+    mf.PRE_NORM = False
+    mf.HIDDEN_DIM = 256
+    mf.NUM_OBJECT_QUERIES = 100
+    # What the transformer decoder reads: "multi_scale_pixel_decoder", "transformer_encoder",
+    # "pixel_embedding" or a backbone feature name such as "res5".
+    mf.TRANSFORMER_IN_FEATURE = "res5"
+    mf.ENFORCE_INPUT_PROJ = False
+    mf.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+
+    # Inference.
+    mf.TEST = CN()
+    mf.TEST.SEMANTIC_ON = True
+    mf.TEST.INSTANCE_ON = False
+    mf.TEST.PANOPTIC_ON = False
+    mf.TEST.OBJECT_MASK_THRESHOLD = 0.0
+    mf.TEST.OVERLAP_THRESHOLD = 0.0
+    mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+
+    # Inputs are padded to a multiple of this (-1: use the backbone's size_divisibility).
+    mf.SIZE_DIVISIBILITY = 32
+
+    # Point-sampled mask loss: points per mask and PointRend importance sampling.
+    mf.TRAIN_NUM_POINTS = 112 * 112
+    mf.OVERSAMPLE_RATIO = 3.0
+    mf.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    # ------------------------------------------------------- pixel decoder
+    head = cfg.MODEL.SEM_SEG_HEAD
+    head.MASK_DIM = 256
+    # Transformer encoder layers inside the pixel decoder.
+    head.TRANSFORMER_ENC_LAYERS = 0
+    head.PIXEL_DECODER_NAME = "BasePixelDecoder"
+    # Multi-scale deformable attention encoder.
+    head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+
+    # ------------------------------------------------------- Swin backbone
+    swin = cfg.MODEL.SWIN = CN()
+    swin.PRETRAIN_IMG_SIZE = 224
+    swin.PATCH_SIZE = 4
+    swin.EMBED_DIM = 96
+    swin.DEPTHS = [2, 2, 6, 2]
+    swin.NUM_HEADS = [3, 6, 12, 24]
+    swin.WINDOW_SIZE = 7
+    swin.MLP_RATIO = 4.0
+    swin.QKV_BIAS = True
+    swin.QK_SCALE = None
+    swin.DROP_RATE = 0.0
+    swin.ATTN_DROP_RATE = 0.0
+    swin.DROP_PATH_RATE = 0.3
+    swin.APE = False
+    swin.PATCH_NORM = True
+    swin.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    swin.USE_CHECKPOINT = False

@@ -1,0 +1,256 @@
+"""The MaskFormer meta-architecture (also used by Mask2Former).
+
+Shapes: B batch, Q queries, K classes (+1 = no-object), H/W input size, Hp/Wp padded size.
+"""
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.utils.memory import retry_if_cuda_oom
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .postprocessing import instance_inference, panoptic_inference, semantic_inference
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MaskFormer"]
+
+
+def _thing_ids(metadata: Any) -> Tuple[int, ...]:
+    mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
+    return tuple(sorted(int(v) for v in mapping.values())) if mapping else ()
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """Mask classification for semantic, instance and panoptic segmentation.
+
+    Training returns the weighted losses of the criterion; inference returns, per image, the
+    outputs enabled by ``semantic_on`` / ``instance_on`` / ``panoptic_on`` in Detectron2's
+    format at the requested ``height`` x ``width``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        criterion: Optional[nn.Module],
+        num_queries: int,
+        object_mask_threshold: float,
+        overlap_threshold: float,
+        metadata: Any,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        semantic_on: bool = True,
+        panoptic_on: bool = False,
+        instance_on: bool = False,
+        test_topk_per_image: int = 100,
+    ) -> None:
+        """
+        Args:
+            backbone: a Detectron2 backbone.
+            sem_seg_head: head returning ``pred_logits``/``pred_masks`` (e.g. MaskFormerHead).
+            criterion: the training loss, with a ``weight_dict``; may be None for inference-only
+                models.
+            num_queries: number of queries.
+            object_mask_threshold: panoptic: minimum class score of a kept query.
+            overlap_threshold: panoptic: minimum won-area / own-area of a kept segment.
+            metadata: dataset metadata; ``thing_dataset_id_to_contiguous_id`` decides which
+                classes are things.
+            size_divisibility: pad inputs to a multiple of this; < 0 uses the backbone's.
+            sem_seg_postprocess_before_inference: resize mask logits to the output size
+                before semantic inference (always the case for panoptic/instance output).
+            pixel_mean, pixel_std: per-channel normalisation, in the input's channel order.
+            semantic_on, panoptic_on, instance_on: which outputs inference produces.
+            test_topk_per_image: instance detections kept per image.
+        """
+        super().__init__()
+        if not (semantic_on or panoptic_on or instance_on):
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST: SEMANTIC_ON, INSTANCE_ON and PANOPTIC_ON are all False; "
+                "enable at least one output"
+            )
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(
+                f"MODEL.PIXEL_MEAN has {len(pixel_mean)} values but MODEL.PIXEL_STD has {len(pixel_std)}"
+            )
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.metadata = metadata
+        self.thing_ids = _thing_ids(metadata)
+        if panoptic_on and not self.thing_ids:
+            logger.warning(
+                "panoptic inference: the dataset metadata has no thing_dataset_id_to_contiguous_id; "
+                "every class is treated as stuff"
+            )
+        self.size_divisibility = (
+            size_divisibility if size_divisibility >= 0 else backbone.size_divisibility
+        )
+        self.sem_seg_postprocess_before_inference = (
+            sem_seg_postprocess_before_inference or panoptic_on or instance_on
+        )
+        # Not saved in checkpoints (the published ones do not hold them).
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.semantic_on = semantic_on
+        self.panoptic_on = panoptic_on
+        self.instance_on = instance_on
+        self.test_topk_per_image = test_topk_per_image
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
+        from .criterion import build_criterion
+
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        test = cfg.MODEL.MASK_FORMER.TEST
+        names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
+        metadata = MetadataCatalog.get(names[0]) if names else None
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": build_criterion(cfg, sem_seg_head.num_classes),
+            "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
+            "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": test.OVERLAP_THRESHOLD,
+            "metadata": metadata,
+            "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
+            "sem_seg_postprocess_before_inference": test.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "semantic_on": test.SEMANTIC_ON,
+            "instance_on": test.INSTANCE_ON,
+            "panoptic_on": test.PANOPTIC_ON,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
+        """Normalises each image, then pads the batch with zeros to ``size_divisibility``."""
+        images = []
+        channels = self.pixel_mean.shape[0]
+        for i, x in enumerate(batched_inputs):
+            img = x.get("image") if isinstance(x, dict) else None
+            if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != channels:
+                got = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
+                raise ValueError(
+                    f"batched_inputs[{i}]['image'] must be a ({channels}, H, W) tensor in "
+                    f"INPUT.FORMAT channel order; got {got}"
+                )
+            images.append((img.to(self.device) - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict[str, Any]]):
+        """
+        Args:
+            batched_inputs: one dict per image with ``image`` (C, H, W) and, for training,
+                ``instances`` (``gt_classes``, ``gt_masks``); for inference optionally the output
+                ``height`` and ``width``.
+
+        Returns:
+            training: dict of weighted losses. Inference: one dict per image with ``sem_seg``
+            (K, height, width) probabilities, ``panoptic_seg`` (seg (height, width) int32,
+            segments_info) and ``instances`` as enabled.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        outputs = self.sem_seg_head(features)
+
+        if self.training:
+            if self.criterion is None:
+                raise RuntimeError("this MaskFormer was built without a criterion; it cannot train")
+            if "instances" in batched_inputs[0]:
+                gt = [x["instances"].to(self.device) for x in batched_inputs]
+                targets = self.prepare_targets(gt, images)
+            else:
+                targets = None
+            losses = self.criterion(outputs, targets)
+            weights = self.criterion.weight_dict
+            return {k: v * weights[k] for k, v in losses.items() if k in weights}
+
+        mask_cls_results = outputs["pred_logits"]  # (B, Q, K+1)
+        mask_pred_results = F.interpolate(  # (B, Q, Hp, Wp)
+            outputs["pred_masks"],
+            size=images.tensor.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
+        del outputs
+        return [
+            self.inference_single(mask_cls, mask_pred, size, x)
+            for mask_cls, mask_pred, size, x in zip(
+                mask_cls_results, mask_pred_results, images.image_sizes, batched_inputs
+            )
+        ]
+
+    def inference_single(
+        self, mask_cls: Tensor, mask_pred: Tensor, image_size: Tuple[int, int], inputs: Dict
+    ) -> Dict[str, Any]:
+        """Outputs of one image from its (Q, K+1) class logits and (Q, Hp, Wp) mask logits."""
+        height = inputs.get("height", image_size[0])
+        width = inputs.get("width", image_size[1])
+        result: Dict[str, Any] = {}
+        if self.sem_seg_postprocess_before_inference:
+            mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
+            mask_cls = mask_cls.to(mask_pred)
+        if self.semantic_on:
+            sem_seg = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
+            if not self.sem_seg_postprocess_before_inference:
+                sem_seg = retry_if_cuda_oom(sem_seg_postprocess)(sem_seg, image_size, height, width)
+            result["sem_seg"] = sem_seg
+        num_classes = self.sem_seg_head.num_classes
+        if self.panoptic_on:
+            result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
+                mask_cls,
+                mask_pred,
+                num_classes=num_classes,
+                thing_ids=self.thing_ids,
+                object_mask_threshold=self.object_mask_threshold,
+                overlap_threshold=self.overlap_threshold,
+            )
+        if self.instance_on:
+            result["instances"] = retry_if_cuda_oom(instance_inference)(
+                mask_cls,
+                mask_pred,
+                num_classes=num_classes,
+                topk=self.test_topk_per_image,
+                thing_ids=self.thing_ids,
+                things_only=self.panoptic_on,
+            )
+        return result
+
+    def prepare_targets(self, targets: List[Instances], images: ImageList) -> List[Dict[str, Tensor]]:
+        """Pads each image's ground-truth masks to the batch's padded size."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        out = []
+        for inst in targets:
+            masks = inst.gt_masks
+            if isinstance(masks, BitMasks):
+                masks = masks.tensor
+            if not isinstance(masks, Tensor):
+                raise TypeError(
+                    "instances.gt_masks must be a BitMasks or a (N, H, W) tensor; got "
+                    f"{type(masks).__name__} (convert polygons with the dataset mapper)"
+                )
+            padded = masks.new_zeros((masks.shape[0], h_pad, w_pad))
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks
+            out.append({"labels": inst.gt_classes, "masks": padded})
+        return out

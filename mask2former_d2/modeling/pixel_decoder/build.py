@@ -1,0 +1,42 @@
+"""Registry of pixel decoders, selected by ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``."""
+from typing import Dict
+
+from detectron2.config import CfgNode
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from detectron2.utils.registry import Registry
+from torch import nn
+
+PIXEL_DECODER_REGISTRY = Registry("PIXEL_DECODER")
+PIXEL_DECODER_REGISTRY.__doc__ = """
+Pixel decoders turn backbone features into per-pixel mask features and the
+multi-scale features read by the transformer decoder. A registered class is
+built as ``cls(cfg, input_shape)`` and implements
+``forward_features(features) -> (mask_features, transformer_encoder_features, multi_scale_features)``.
+"""
+
+
+def build_pixel_decoder(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
+    """Builds the pixel decoder named by ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``.
+
+    Decoders registered in Detectron2's ``SEM_SEG_HEADS_REGISTRY`` (where the published
+    project registers them) are found too, so users' own decoders keep working.
+    """
+    name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
+    if name in PIXEL_DECODER_REGISTRY:
+        cls = PIXEL_DECODER_REGISTRY.get(name)
+    elif name in SEM_SEG_HEADS_REGISTRY:
+        cls = SEM_SEG_HEADS_REGISTRY.get(name)
+    else:
+        known = sorted(k for k, _ in PIXEL_DECODER_REGISTRY)
+        raise KeyError(
+            f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME={name!r} is not a registered pixel decoder; "
+            f"expected one of {known}"
+        )
+    model = cls(cfg, input_shape)
+    if not callable(getattr(model, "forward_features", None)):
+        raise ValueError(
+            f"pixel decoder {name!r} has no forward_features(features) method; "
+            "MaskFormerHead needs (mask_features, transformer_encoder_features, multi_scale_features)"
+        )
+    return model

@@ -1,0 +1,10 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mask2former_d2",
+    version="0.1.0",
+    description="MaskFormer and Mask2Former for Detectron2",
+    packages=find_packages(exclude=("tests", "configs", "demo", "datasets", "benchmarks")),
+    python_requires=">=3.8",
+    install_requires=[],
+)
