@@ -1,0 +1,41 @@
+"""Output parity with the published Mask2Former on the shared fixture(s).
+
+Runs ``../shared/tools/parity.py check`` exactly as a developer would: it builds the model from
+the fixture's config, loads the released-format checkpoint through Detectron2's checkpointer
+(strict key matching) and compares semantic, panoptic and instance outputs.
+"""
+import os
+import subprocess
+import sys
+import unittest
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("M2F_SHARED", ROOT.parent / "shared"))
+FIXTURES = sorted((SHARED / "fixtures" / "parity").glob("*/weights.pkl"))
+
+
+@unittest.skipUnless(
+    (SHARED / "tools" / "parity.py").is_file() and FIXTURES,
+    f"no parity fixtures: {SHARED}/fixtures/parity and {SHARED}/tools/parity.py are absent "
+    "(they live beside the repository on the developers' machines and in CI)",
+)
+class TestParity(unittest.TestCase):
+    def test_fixtures(self):
+        for weights in FIXTURES:
+            fixture = weights.parent
+            with self.subTest(fixture=fixture.name):
+                proc = subprocess.run(
+                    [sys.executable, str(SHARED / "tools" / "parity.py"), "check", "--fixture", str(fixture)],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
+                out = proc.stdout + proc.stderr
+                self.assertEqual(proc.returncode, 0, out[-4000:])
+                self.assertIn("PARITY OK", proc.stdout, out[-4000:])
+
+
+if __name__ == "__main__":
+    unittest.main()
