@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Converts ADE20K SceneParsing (150 classes) annotations to Detectron2's label convention.
+
+Reads ``ADEChallengeData2016/annotations/{training,validation}/*.png`` (0 = "other", 1..150 =
+classes) and writes ``ADEChallengeData2016/annotations_detectron2/{training,validation}/*.png``
+with 255 for "other" (ignored) and 0..149 for the classes, the layout ``ade20k_sem_seg_*`` and
+``ade20k_panoptic_*`` read. Outputs that already exist are kept unless ``--overwrite``.
+
+Usage: python datasets/prepare_ade20k_sem_seg.py [--root $DETECTRON2_DATASETS]
+"""
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import tqdm
+from PIL import Image
+
+if "mask2former_d2" not in sys.modules and importlib.util.find_spec("mask2former_d2") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mask2former_d2.data.datasets.prepare_utils import save_image_atomic  # noqa: E402
+
+logger = logging.getLogger("prepare_ade20k_sem_seg")
+
+SPLITS = ("training", "validation")
+NUM_CLASSES = 150
+
+
+def convert_annotation(label: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """(H, W) uint8 SceneParsing label -> (H, W) uint8 label with 0 -> 255 and k -> k - 1."""
+    if label.dtype != np.uint8 or label.ndim != 2:
+        raise ValueError(
+            f"{source}: expected an (H, W) uint8 label, got {label.dtype} {label.shape}"
+        )
+    if label.max(initial=0) > NUM_CLASSES:
+        raise ValueError(f"{source}: label value {label.max()} > {NUM_CLASSES}")
+    out = label.astype(np.int16) - 1
+    out[label == 0] = 255
+    return out.astype(np.uint8)
+
+
+def convert_split(src_dir: str, dst_dir: str, overwrite: bool = False) -> Tuple[int, int]:
+    """Converts every PNG of ``src_dir`` into ``dst_dir``. Returns (written, skipped)."""
+    if not os.path.isdir(src_dir):
+        raise FileNotFoundError(
+            f"ADE20K annotation directory not found: {src_dir!r} (see datasets/README.md)"
+        )
+    names = sorted(f for f in os.listdir(src_dir) if f.endswith(".png"))
+    written = skipped = 0
+    for name in tqdm.tqdm(names, desc=os.path.basename(src_dir.rstrip("/"))):
+        dst = os.path.join(dst_dir, name)
+        if os.path.exists(dst) and not overwrite:
+            skipped += 1
+            continue
+        src = os.path.join(src_dir, name)
+        with Image.open(src) as im:
+            label = np.asarray(im)
+        save_image_atomic(convert_annotation(label, src), dst)
+        written += 1
+    return written, skipped
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--root",
+        default=os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")),
+        help="directory holding ADEChallengeData2016/ (default: $DETECTRON2_DATASETS, ./datasets)",
+    )
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--overwrite", action="store_true", help="rewrite existing outputs")
+    args = parser.parse_args(argv)
+
+    base = os.path.join(args.root, "ADEChallengeData2016")
+    results = []
+    for split in args.splits:
+        written, skipped = convert_split(
+            os.path.join(base, "annotations", split),
+            os.path.join(base, "annotations_detectron2", split),
+            overwrite=args.overwrite,
+        )
+        logger.info("%s: wrote %d, kept %d existing", split, written, skipped)
+        results.append((written, skipped))
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

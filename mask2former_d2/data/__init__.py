@@ -1,0 +1,3 @@
+"""Data loading: dataset registration (and mappers)."""
+
+from . import datasets  # noqa: F401  (registration)

@@ -1,0 +1,55 @@
+"""ADE20K-full (ADE20K_2021_17_01) semantic segmentation with 847 classes.
+
+``ade20k_full_sem_seg_{train,val}`` read the images and 16-bit TIFF labels that
+``datasets/prepare_ade20k_full_sem_seg.py`` writes (images resized to a shorter side of at most
+512, labels holding contiguous ids 0..846 and 65535 for unlabeled pixels, hence
+``ignore_label=65535``). ``stuff_dataset_id_to_contiguous_id`` maps the ADE index ids (the
+values of the raw ``*_seg.png``) to the contiguous ids.
+"""
+
+import os
+from typing import Any, Dict
+
+from .ade20k_full_categories import ADE20K_FULL_CATEGORIES
+from .utils import load_sem_seg_checked, register_lazy
+
+__all__ = ["ADE20K_FULL_CATEGORIES", "ade20k_full_metadata", "register_all_ade20k_full"]
+
+ADE20K_FULL_LAYOUT = (
+    "ADE20K_2021_17_01/images/ADE/{training,validation}/<scene>/<name>.jpg + <name>_seg.png "
+    "(as released), ADE20K_2021_17_01/images_detectron2/{training,validation}/*.jpg and "
+    "ADE20K_2021_17_01/annotations_detectron2/{training,validation}/*.tif "
+    "(datasets/prepare_ade20k_full_sem_seg.py)"
+)
+ADE20K_FULL_IGNORE_LABEL = 65535
+
+
+def ade20k_full_metadata() -> Dict[str, Any]:
+    """Class names and id map of ADE20K-full (no colours are defined for its 847 classes)."""
+    return {
+        "stuff_classes": [name for _, name in ADE20K_FULL_CATEGORIES],
+        "stuff_dataset_id_to_contiguous_id": {
+            ade_id: i for i, (ade_id, _) in enumerate(ADE20K_FULL_CATEGORIES)
+        },
+    }
+
+
+def register_all_ade20k_full(root: str) -> None:
+    """Registers ``ade20k_full_sem_seg_{train,val}`` under ``root`` (lazy and idempotent)."""
+    base = os.path.join(root, "ADE20K_2021_17_01")
+    meta = ade20k_full_metadata()
+    for split, dirname in (("train", "training"), ("val", "validation")):
+        name = f"ade20k_full_sem_seg_{split}"
+        image_root = os.path.join(base, "images_detectron2", dirname)
+        sem_seg_root = os.path.join(base, "annotations_detectron2", dirname)
+        register_lazy(
+            name,
+            lambda n=name, i=image_root, s=sem_seg_root: load_sem_seg_checked(
+                n, i, s, ADE20K_FULL_LAYOUT, gt_ext="tif"
+            ),
+            image_root=image_root,
+            sem_seg_root=sem_seg_root,
+            evaluator_type="sem_seg",
+            ignore_label=ADE20K_FULL_IGNORE_LABEL,
+            **meta,
+        )
