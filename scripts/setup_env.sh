@@ -59,7 +59,9 @@ if ! have panopticapi; then
   $PIP install --no-deps panopticapi-lite
 fi
 
-if ! have mask2former_d2; then
+# Checked by distribution metadata: from the repository root the package would import
+# without being installed.
+if ! "$VPY" -c 'import importlib.metadata as m; m.version("mask2former_d2")' >/dev/null 2>&1; then
   log "installing mask2former_d2 (editable)"
   $PIP install --no-deps --no-build-isolation -e .
 fi

@@ -1,0 +1,17 @@
+"""Training dataset mappers of MaskFormer / Mask2Former, selected by INPUT.DATASET_MAPPER_NAME."""
+
+from .build import MAPPERS, build_dataset_mapper
+from .instance import MaskFormerInstanceDatasetMapper
+from .lsj import COCOInstanceNewBaselineDatasetMapper, COCOPanopticNewBaselineDatasetMapper
+from .panoptic import MaskFormerPanopticDatasetMapper
+from .semantic import MaskFormerSemanticDatasetMapper
+
+__all__ = [
+    "MAPPERS",
+    "build_dataset_mapper",
+    "COCOInstanceNewBaselineDatasetMapper",
+    "COCOPanopticNewBaselineDatasetMapper",
+    "MaskFormerInstanceDatasetMapper",
+    "MaskFormerPanopticDatasetMapper",
+    "MaskFormerSemanticDatasetMapper",
+]
