@@ -1,0 +1,345 @@
+"""Attention, feed-forward and MLP blocks shared by the transformer decoders.
+
+Shapes: B batch, L target (query) length, S source (memory) length, C channels
+(``hidden_dim``), M heads, D = C / M channels per head, F feed-forward width.
+Every tensor here is batch-first: sequences are (B, L, C) and (B, S, C).
+
+Masks are boolean with ``True`` meaning *blocked* (the convention of
+``nn.MultiheadAttention``): ``attn_mask`` is (B, L, S) shared by all heads or
+(B, M, L, S); ``key_padding_mask`` is (B, S).
+"""
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = [
+    "MultiHeadAttention",
+    "SelfAttentionLayer",
+    "CrossAttentionLayer",
+    "FFNLayer",
+    "MLP",
+    "aux_predictions",
+    "get_activation_fn",
+    "make_dropout",
+    "residual_block",
+    "xavier_init_matrices",
+]
+
+
+def get_activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    """Returns the activation function called ``name`` ("relu", "gelu" or "glu")."""
+    table = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+    if name not in table:
+        raise ValueError(f"activation={name!r} is not supported; expected one of {sorted(table)}")
+    return table[name]
+
+
+def xavier_init_matrices(module: nn.Module) -> None:
+    """Xavier-uniform initialisation of every parameter of ``module`` with 2+ dimensions.
+
+    This is how DETR-style transformers (and the published Mask2Former layers) initialise
+    projection and feed-forward weights; biases and norms keep their defaults.
+    """
+    for param in module.parameters():
+        if param.dim() > 1:
+            nn.init.xavier_uniform_(param)
+
+
+def make_dropout(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or an identity when ``p`` is 0 (a zero dropout still costs a kernel
+    call in training mode)."""
+    return nn.Dropout(p) if p > 0.0 else nn.Identity()
+
+
+def residual_block(
+    x: Tensor,
+    sublayer: Callable[[Tensor], Tensor],
+    norm: nn.Module,
+    dropout: nn.Module,
+    normalize_before: bool,
+) -> Tensor:
+    """Wraps ``sublayer`` with a residual connection and a LayerNorm.
+
+    Post-norm: ``norm(x + dropout(sublayer(x)))``; pre-norm: ``x + dropout(sublayer(norm(x)))``.
+    """
+    if normalize_before:
+        return x + dropout(sublayer(norm(x)))
+    return norm(x + dropout(sublayer(x)))
+
+
+class MultiHeadAttention(nn.Module):
+    """Batch-first multi-head attention with ``nn.MultiheadAttention``'s parameters.
+
+    The parameters are named and packed like ``nn.MultiheadAttention``'s
+    (``in_proj_weight`` = [W_q; W_k; W_v] of shape (3C, C), ``in_proj_bias``,
+    ``out_proj``), so published checkpoints load unchanged and the arithmetic is the
+    same. The attention itself runs through ``F.scaled_dot_product_attention`` without
+    materialising averaged attention weights, and a mask shared by all heads is
+    broadcast instead of repeated per head.
+
+    Args:
+        embed_dim: channels C of queries, keys and values.
+        num_heads: number of heads M; must divide ``embed_dim``.
+        dropout: dropout probability on the attention weights (training only).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Same scheme as nn.MultiheadAttention.
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        # (B, N, C) -> (B, N, M, D) -> (B, M, N, D)
+        return x.view(b, n, self.num_heads, -1).transpose(1, 2)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Attends from ``query`` (B, L, C) to ``key``/``value`` (B, S, C).
+
+        Args:
+            query: (B or 1, L, C).
+            key: (B or 1, S, C). Passing the same tensor object as ``query`` fuses their
+                projections into one matmul.
+            value: (B or 1, S, C).
+            attn_mask: optional bool mask, True = blocked, (B, L, S) or (B, M, L, S).
+            key_padding_mask: optional bool (B, S), True = padding.
+
+        Returns:
+            (B, L, C).
+        """
+        c = self.embed_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if key is query:
+            q, k = F.linear(query, w[: 2 * c], b[: 2 * c]).chunk(2, dim=-1)
+        else:
+            q = F.linear(query, w[:c], b[:c])
+            k = F.linear(key, w[c : 2 * c], b[c : 2 * c])
+        v = F.linear(value, w[2 * c :], b[2 * c :])
+        batch = max(q.shape[0], k.shape[0])
+        q = self._split_heads(q.expand(batch, -1, -1))  # (B, M, L, D)
+        k = self._split_heads(k.expand(batch, -1, -1))  # (B, M, S, D)
+        v = self._split_heads(v.expand(batch, -1, -1))  # (B, M, S, D)
+
+        blocked = None
+        if attn_mask is not None:
+            if attn_mask.dtype != torch.bool:
+                raise TypeError(f"attn_mask must be bool (True = blocked), got {attn_mask.dtype}")
+            # A (B, L, S) mask is shared by the heads: (B, 1, L, S) broadcasts over M.
+            blocked = attn_mask.unsqueeze(1) if attn_mask.dim() == 3 else attn_mask
+        if key_padding_mask is not None:
+            padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+            blocked = padding if blocked is None else blocked | padding
+        bias = None
+        if blocked is not None:
+            # An additive mask in q's dtype: SDPA would otherwise convert a bool mask itself,
+            # with an extra pass over it.
+            bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(blocked, float("-inf"))
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, M, L, D)
+        out = out.transpose(1, 2).flatten(2)  # (B, L, C)
+        return self.out_proj(out)
+
+
+class SelfAttentionLayer(nn.Module):
+    """Self-attention among the queries with a residual connection and LayerNorm.
+
+    Queries and keys get ``query_pos`` added; values do not.
+
+    Args:
+        hidden_dim: channels C.
+        num_heads: attention heads M.
+        dropout: dropout on the attention weights and the residual branch.
+        normalize_before: pre-norm instead of post-norm.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.dropout = make_dropout(dropout)
+        self.normalize_before = normalize_before
+        xavier_init_matrices(self)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """tgt: (B, L, C); query_pos: (B or 1, L, C). Returns (B, L, C)."""
+
+        def attend(x: Tensor) -> Tensor:
+            qk = x if query_pos is None else x + query_pos
+            return self.self_attn(qk, qk, x, attn_mask, key_padding_mask)
+
+        return residual_block(tgt, attend, self.norm, self.dropout, self.normalize_before)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Attention from the queries to a memory, with a residual connection and LayerNorm.
+
+    Queries get ``query_pos`` added, keys get the memory's position encoding, values
+    are the plain memory.
+
+    Args:
+        hidden_dim: channels C.
+        num_heads: attention heads M.
+        dropout: dropout on the attention weights and the residual branch.
+        normalize_before: pre-norm instead of post-norm.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        self.multihead_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.dropout = make_dropout(dropout)
+        self.normalize_before = normalize_before
+        xavier_init_matrices(self)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_keys: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Cross-attention step.
+
+        Args:
+            tgt: queries (B, L, C).
+            memory: attention values (B, S, C).
+            memory_keys: memory plus its position encoding (B or 1, S, C); callers that
+                reuse one memory in several layers compute it once. Defaults to ``memory``.
+            query_pos: (B or 1, L, C) added to the queries.
+            attn_mask: bool (B, L, S) or (B, M, L, S), True = blocked.
+            key_padding_mask: bool (B, S), True = padding.
+
+        Returns:
+            (B, L, C).
+        """
+        keys = memory if memory_keys is None else memory_keys
+
+        def attend(x: Tensor) -> Tensor:
+            q = x if query_pos is None else x + query_pos
+            return self.multihead_attn(q, keys, memory, attn_mask, key_padding_mask)
+
+        return residual_block(tgt, attend, self.norm, self.dropout, self.normalize_before)
+
+
+class FFNLayer(nn.Module):
+    """Two-layer feed-forward block with a residual connection and LayerNorm.
+
+    Args:
+        hidden_dim: channels C.
+        dim_feedforward: inner width F.
+        dropout: dropout after the activation and on the residual branch.
+        activation: "relu", "gelu" or "glu".
+        normalize_before: pre-norm instead of post-norm.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        dim_feedforward: int = 2048,
+        *,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.dropout = make_dropout(dropout)
+        self.activation = get_activation_fn(activation)
+        self.normalize_before = normalize_before
+        xavier_init_matrices(self)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+    def forward(self, tgt: Tensor) -> Tensor:
+        """tgt: (B, L, C) -> (B, L, C)."""
+        return residual_block(tgt, self._mlp, self.norm, self.dropout, self.normalize_before)
+
+
+class MLP(nn.Module):
+    """A stack of ``num_layers`` linear layers with ReLU between them (none after the last).
+
+    Args:
+        input_dim: input channels.
+        hidden_dim: width of the hidden layers.
+        output_dim: output channels.
+        num_layers: number of linear layers (>= 1).
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"MLP needs num_layers >= 1, got {num_layers}")
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., input_dim) -> (..., output_dim)."""
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = F.relu(x)
+        return x
+
+
+def aux_predictions(
+    logits: Optional[Sequence[Tensor]], masks: Sequence[Tensor]
+) -> List[Dict[str, Tensor]]:
+    """Packs all but the last of a sequence of per-layer predictions into the
+    ``aux_outputs`` list of dicts (``pred_logits`` only when ``logits`` is given)."""
+    if logits is None:
+        return [{"pred_masks": m} for m in masks[:-1]]
+    if len(logits) != len(masks):
+        raise ValueError(f"got {len(logits)} class predictions but {len(masks)} mask predictions")
+    return [{"pred_logits": c, "pred_masks": m} for c, m in zip(logits[:-1], masks[:-1])]

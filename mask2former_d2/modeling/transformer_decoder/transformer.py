@@ -1,0 +1,394 @@
+"""DETR-style transformer encoder/decoder used by MaskFormer.
+
+Shapes: B batch, Q queries, C channels (``hidden_dim``), H/W spatial, S = H*W memory
+length, N decoder layers returned. Sequences are batch-first, (B, Q, C) and (B, S, C).
+Padding masks are bool (B, H, W) or (B, S) with ``True`` = padding.
+
+Submodule names (``encoder.layers.{i}.self_attn``, ``decoder.layers.{i}.norm3``, ...)
+are those of the published MaskFormer checkpoints.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .layers import (
+    MultiHeadAttention,
+    get_activation_fn,
+    make_dropout,
+    residual_block,
+    xavier_init_matrices,
+)
+
+__all__ = [
+    "Transformer",
+    "TransformerEncoderOnly",
+    "TransformerEncoder",
+    "TransformerDecoder",
+    "TransformerEncoderLayer",
+    "TransformerDecoderLayer",
+]
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each with a residual connection and LayerNorm.
+
+    Args:
+        hidden_dim: channels C.
+        num_heads: attention heads.
+        dim_feedforward: inner width of the feed-forward block.
+        dropout: dropout probability everywhere in the layer.
+        activation: "relu", "gelu" or "glu".
+        normalize_before: pre-norm instead of post-norm.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        dim_feedforward: int = 2048,
+        *,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.dropout = make_dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.dropout1 = make_dropout(dropout)
+        self.dropout2 = make_dropout(dropout)
+        self.activation = get_activation_fn(activation)
+        self.normalize_before = normalize_before
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+    def forward(
+        self,
+        src: Tensor,
+        pos: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """src: (B, S, C); pos: (B or 1, S, C); key_padding_mask: (B, S). Returns (B, S, C)."""
+
+        def attend(x: Tensor) -> Tensor:
+            qk = x if pos is None else x + pos
+            return self.self_attn(qk, qk, x, key_padding_mask=key_padding_mask)
+
+        pre = self.normalize_before
+        src = residual_block(src, attend, self.norm1, self.dropout1, pre)
+        return residual_block(src, self._mlp, self.norm2, self.dropout2, pre)
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Self-attention, cross-attention to the memory, feed-forward (each residual + norm).
+
+    Args:
+        hidden_dim: channels C.
+        num_heads: attention heads.
+        dim_feedforward: inner width of the feed-forward block.
+        dropout: dropout probability everywhere in the layer.
+        activation: "relu", "gelu" or "glu".
+        normalize_before: pre-norm instead of post-norm.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        dim_feedforward: int = 2048,
+        *,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
+        self.multihead_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.dropout = make_dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.norm3 = nn.LayerNorm(hidden_dim)
+        self.dropout1 = make_dropout(dropout)
+        self.dropout2 = make_dropout(dropout)
+        self.dropout3 = make_dropout(dropout)
+        self.activation = get_activation_fn(activation)
+        self.normalize_before = normalize_before
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_keys: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """One decoder step.
+
+        Args:
+            tgt: queries (B, Q, C).
+            memory: encoder output, the attention values (B, S, C).
+            memory_keys: memory plus its position encoding (B, S, C); defaults to memory.
+            query_pos: (B or 1, Q, C) added to queries (and self-attention keys).
+            memory_key_padding_mask: bool (B, S), True = padding.
+
+        Returns:
+            (B, Q, C).
+        """
+        keys = memory if memory_keys is None else memory_keys
+
+        def self_attend(x: Tensor) -> Tensor:
+            qk = x if query_pos is None else x + query_pos
+            return self.self_attn(qk, qk, x)
+
+        def cross_attend(x: Tensor) -> Tensor:
+            q = x if query_pos is None else x + query_pos
+            return self.multihead_attn(q, keys, memory, key_padding_mask=memory_key_padding_mask)
+
+        pre = self.normalize_before
+        tgt = residual_block(tgt, self_attend, self.norm1, self.dropout1, pre)
+        tgt = residual_block(tgt, cross_attend, self.norm2, self.dropout2, pre)
+        return residual_block(tgt, self._mlp, self.norm3, self.dropout3, pre)
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of encoder layers, optionally followed by a LayerNorm (used with pre-norm).
+
+    Args:
+        layers: the encoder layers, applied in order.
+        norm: optional final norm.
+    """
+
+    def __init__(self, layers: List[TransformerEncoderLayer], norm: Optional[nn.Module] = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.num_layers = len(layers)
+        self.norm = norm
+
+    def forward(
+        self,
+        src: Tensor,
+        pos: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """src: (B, S, C); pos: (B or 1, S, C); key_padding_mask: (B, S). Returns (B, S, C)."""
+        for layer in self.layers:
+            src = layer(src, pos=pos, key_padding_mask=key_padding_mask)
+        if self.norm is not None:
+            src = self.norm(src)
+        return src
+
+
+class TransformerDecoder(nn.Module):
+    """A stack of decoder layers with a final LayerNorm.
+
+    Args:
+        layers: the decoder layers, applied in order.
+        norm: the final norm, also applied to every intermediate output.
+        return_intermediate: return the normalised output of every layer, not just the last.
+    """
+
+    def __init__(
+        self,
+        layers: List[TransformerDecoderLayer],
+        norm: nn.Module,
+        return_intermediate: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.num_layers = len(layers)
+        self.norm = norm
+        self.return_intermediate = return_intermediate
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        pos: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Decodes ``tgt`` (B, Q, C) against ``memory`` (B, S, C).
+
+        Returns:
+            (N, B, Q, C): every layer's normalised output if ``return_intermediate``,
+            otherwise only the last one (N = 1).
+        """
+        # The keys are the same in every layer: add the position encoding once.
+        keys = memory if pos is None else memory + pos
+        outputs = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, keys, query_pos, memory_key_padding_mask)
+            if self.return_intermediate:
+                outputs.append(self.norm(tgt))
+        if not self.return_intermediate:
+            outputs.append(self.norm(tgt))
+        return torch.stack(outputs)
+
+
+def _encoder(
+    hidden_dim: int,
+    num_heads: int,
+    num_layers: int,
+    dim_feedforward: int,
+    dropout: float,
+    activation: str,
+    normalize_before: bool,
+) -> TransformerEncoder:
+    layers = [
+        TransformerEncoderLayer(
+            hidden_dim,
+            num_heads,
+            dim_feedforward,
+            dropout=dropout,
+            activation=activation,
+            normalize_before=normalize_before,
+        )
+        for _ in range(num_layers)
+    ]
+    # A final norm is only needed when the residual stream was never normalised.
+    return TransformerEncoder(layers, nn.LayerNorm(hidden_dim) if normalize_before else None)
+
+
+def _flatten(x: Tensor) -> Tensor:
+    return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, S, C)
+
+
+class Transformer(nn.Module):
+    """DETR's encoder-decoder transformer, decoding learned queries from a feature map.
+
+    Args:
+        hidden_dim: channels C.
+        num_heads: attention heads.
+        num_encoder_layers: encoder depth (0 = the memory is the input itself).
+        num_decoder_layers: decoder depth.
+        dim_feedforward: feed-forward width.
+        dropout: dropout probability.
+        activation: "relu", "gelu" or "glu".
+        normalize_before: pre-norm instead of post-norm.
+        return_intermediate_dec: return every decoder layer's output.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int = 512,
+        num_heads: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+        return_intermediate_dec: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = _encoder(
+            hidden_dim,
+            num_heads,
+            num_encoder_layers,
+            dim_feedforward,
+            dropout,
+            activation,
+            normalize_before,
+        )
+        decoder_layers = [
+            TransformerDecoderLayer(
+                hidden_dim,
+                num_heads,
+                dim_feedforward,
+                dropout=dropout,
+                activation=activation,
+                normalize_before=normalize_before,
+            )
+            for _ in range(num_decoder_layers)
+        ]
+        self.decoder = TransformerDecoder(
+            decoder_layers, nn.LayerNorm(hidden_dim), return_intermediate=return_intermediate_dec
+        )
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        xavier_init_matrices(self)
+
+    def forward(
+        self, src: Tensor, mask: Optional[Tensor], query_embed: Tensor, pos_embed: Tensor
+    ) -> Tuple[Tensor, Tensor]:
+        """Encodes ``src`` and decodes the queries.
+
+        Args:
+            src: (B, C, H, W) input features.
+            mask: optional bool (B, H, W), True = padding.
+            query_embed: (Q, C) query position embeddings (the queries start at zero).
+            pos_embed: (B or 1, C, H, W) position encoding of ``src``.
+
+        Returns:
+            hs: (N, B, Q, C) decoder outputs (N = decoder layers if intermediate outputs
+                are returned, else 1).
+            memory: (B, C, H, W) encoder output.
+        """
+        b, c, h, w = src.shape
+        memory = _flatten(src)  # (B, S, C)
+        pos = _flatten(pos_embed)  # (B or 1, S, C)
+        padding = None if mask is None else mask.flatten(1)  # (B, S)
+        memory = self.encoder(memory, pos=pos, key_padding_mask=padding)
+        query_pos = query_embed.unsqueeze(0)  # (1, Q, C)
+        tgt = torch.zeros_like(query_pos).expand(b, -1, -1)  # (B, Q, C)
+        hs = self.decoder(
+            tgt, memory, pos=pos, query_pos=query_pos, memory_key_padding_mask=padding
+        )
+        return hs, memory.transpose(1, 2).reshape(b, c, h, w)
+
+
+class TransformerEncoderOnly(nn.Module):
+    """DETR's transformer encoder applied to a feature map (no decoder).
+
+    Args:
+        hidden_dim: channels C.
+        num_heads: attention heads.
+        num_encoder_layers: encoder depth.
+        dim_feedforward: feed-forward width.
+        dropout: dropout probability.
+        activation: "relu", "gelu" or "glu".
+        normalize_before: pre-norm instead of post-norm.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int = 512,
+        num_heads: int = 8,
+        num_encoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = _encoder(
+            hidden_dim,
+            num_heads,
+            num_encoder_layers,
+            dim_feedforward,
+            dropout,
+            activation,
+            normalize_before,
+        )
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        xavier_init_matrices(self)
+
+    def forward(self, src: Tensor, mask: Optional[Tensor], pos_embed: Tensor) -> Tensor:
+        """src: (B, C, H, W); mask: optional bool (B, H, W), True = padding; pos_embed:
+        (B or 1, C, H, W). Returns the encoded map, (B, C, H, W)."""
+        b, c, h, w = src.shape
+        padding = None if mask is None else mask.flatten(1)  # (B, S)
+        memory = self.encoder(_flatten(src), pos=_flatten(pos_embed), key_padding_mask=padding)
+        return memory.transpose(1, 2).reshape(b, c, h, w)  # (B, S, C) -> (B, C, H, W)

@@ -1,0 +1,567 @@
+"""Tests of the transformer decoders (Mask2Former's masked-attention decoder, MaskFormer's
+DETR decoder) and their shared attention layers.
+
+Naive references here are written independently of the package: sequence-first tensors,
+``F.multi_head_attention_forward`` with per-head repeated masks, and the sine position
+encoding spelled out from its formula.
+"""
+
+import math
+import unittest
+from typing import List, Tuple
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.projects.deeplab import add_deeplab_config
+from torch import Tensor
+from torch.nn import functional as F
+
+from mask2former_d2.config import add_maskformer2_config
+from mask2former_d2.modeling.transformer_decoder import build_transformer_decoder
+from mask2former_d2.modeling.transformer_decoder.layers import MultiHeadAttention
+from mask2former_d2.modeling.transformer_decoder.mask2former import (
+    MultiScaleMaskedTransformerDecoder,
+    _attention_mask,
+)
+from mask2former_d2.modeling.transformer_decoder.maskformer import StandardTransformerDecoder
+
+_THREADS = torch.get_num_threads()
+
+
+def setUpModule():
+    # The models here are tiny: thread start-up and contention cost more than they save.
+    torch.set_num_threads(1)
+
+
+def tearDownModule():
+    torch.set_num_threads(_THREADS)
+
+
+# Sizes of a 200x249 image: 1/32, 1/16, 1/8 feature levels and 1/4 mask features.
+LEVEL_SIZES = [(7, 8), (13, 16), (25, 32)]
+MASK_SIZE = (50, 63)
+
+
+def _cfg(**mask_former):
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    for key, value in mask_former.items():
+        setattr(cfg.MODEL.MASK_FORMER, key, value)
+    return cfg
+
+
+def _mask2former(**kwargs) -> MultiScaleMaskedTransformerDecoder:
+    args = dict(
+        num_classes=5,
+        hidden_dim=32,
+        num_queries=6,
+        num_heads=4,
+        dim_feedforward=48,
+        num_layers=3,
+        pre_norm=False,
+        mask_dim=24,
+        enforce_input_project=False,
+    )
+    args.update(kwargs)
+    in_channels = args.pop("in_channels", 32)
+    return MultiScaleMaskedTransformerDecoder(
+        in_channels, args.pop("mask_classification", True), **args
+    )
+
+
+def _inputs(batch=2, channels=32, mask_dim=24, seed=0) -> Tuple[List[Tensor], Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(batch, channels, h, w, generator=g) for h, w in LEVEL_SIZES]
+    return x, torch.randn(batch, mask_dim, *MASK_SIZE, generator=g)
+
+
+def _naive_sine_pos(h: int, w: int, channels: int) -> Tensor:
+    """Normalised sine position encoding, (H*W, 1, C) sequence-first, from the formula:
+    channel i < C/2 encodes y, the rest x; even i use sin, odd i cos, of
+    pos / 10000^(2*floor(i/2)/(C/2)), with pos = k / (n + 1e-6) * 2pi for k = 1..n."""
+    f = channels // 2
+    i = torch.arange(f, dtype=torch.float64)
+    dim_t = 10000.0 ** (2 * torch.div(i, 2, rounding_mode="floor") / f)
+
+    def encode(n):
+        p = torch.arange(1, n + 1, dtype=torch.float64) / (n + 1e-6) * 2 * math.pi
+        a = p[:, None] / dim_t
+        return torch.where(i.long() % 2 == 0, a.sin(), a.cos())  # (n, F)
+
+    py = encode(h)[:, None, :].expand(h, w, f)
+    px = encode(w)[None, :, :].expand(h, w, f)
+    return torch.cat([py, px], dim=-1).reshape(h * w, 1, channels).float()
+
+
+def _mha(attn, q, k, v, num_heads, attn_mask=None, key_padding_mask=None):
+    """Sequence-first multi-head attention with torch's reference implementation."""
+    return F.multi_head_attention_forward(
+        q,
+        k,
+        v,
+        attn.in_proj_weight.shape[1],
+        num_heads,
+        attn.in_proj_weight,
+        attn.in_proj_bias,
+        None,
+        None,
+        False,
+        0.0,
+        attn.out_proj.weight,
+        attn.out_proj.bias,
+        training=False,
+        key_padding_mask=key_padding_mask,
+        need_weights=False,
+        attn_mask=attn_mask,
+    )[0]
+
+
+def _ln(x, norm):
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias)
+
+
+def _mlp(x, mlp):
+    n = len(mlp.layers)
+    for i, layer in enumerate(mlp.layers):
+        x = F.linear(x, layer.weight, layer.bias)
+        x = F.relu(x) if i < n - 1 else x
+    return x
+
+
+def _naive_mask2former_first_layer(dec, x, mask_features, pre_norm):
+    """The prediction from the learned queries and the one after decoder layer 0, computed
+    the way the published decoder does (sequence-first, masks repeated per head)."""
+    heads = dec.num_heads
+    b = mask_features.shape[0]
+    tgt = dec.query_feat.weight[:, None].repeat(1, b, 1)  # (Q, B, C)
+    qpos = dec.query_embed.weight[:, None].repeat(1, b, 1)
+
+    def predict(t):
+        d = _ln(t, dec.decoder_norm).transpose(0, 1)  # (B, Q, C)
+        logits = F.linear(d, dec.class_embed.weight, dec.class_embed.bias)
+        masks = torch.einsum("bqc,bchw->bqhw", _mlp(d, dec.mask_embed), mask_features)
+        return logits, masks
+
+    first = predict(tgt)
+    h, w = x[0].shape[-2:]
+    small = F.interpolate(first[1], size=(h, w), mode="bilinear", align_corners=False)
+    blocked = small.sigmoid().flatten(2) < 0.5  # (B, Q, S)
+    blocked[blocked.all(-1)] = False
+    blocked = blocked.repeat_interleave(heads, dim=0)  # (B*M, Q, S), batch-major
+
+    proj = dec.input_proj[0]
+    feat = F.conv2d(x[0], proj.weight, proj.bias) if hasattr(proj, "weight") else x[0]
+    mem = feat.flatten(2).permute(2, 0, 1) + dec.level_embed.weight[0]  # (S, B, C)
+    pos = _naive_sine_pos(h, w, mem.shape[-1])
+
+    ca = dec.transformer_cross_attention_layers[0]
+    sa = dec.transformer_self_attention_layers[0]
+    ff = dec.transformer_ffn_layers[0]
+    if pre_norm:
+        t = _ln(tgt, ca.norm)
+        tgt = tgt + _mha(ca.multihead_attn, t + qpos, mem + pos, mem, heads, blocked)
+        t = _ln(tgt, sa.norm)
+        tgt = tgt + _mha(sa.self_attn, t + qpos, t + qpos, t, heads)
+        t = _ln(tgt, ff.norm)
+        tgt = tgt + F.linear(
+            F.relu(F.linear(t, ff.linear1.weight, ff.linear1.bias)),
+            ff.linear2.weight,
+            ff.linear2.bias,
+        )
+    else:
+        tgt = _ln(
+            tgt + _mha(ca.multihead_attn, tgt + qpos, mem + pos, mem, heads, blocked), ca.norm
+        )
+        tgt = _ln(tgt + _mha(sa.self_attn, tgt + qpos, tgt + qpos, tgt, heads), sa.norm)
+        ffn = F.linear(
+            F.relu(F.linear(tgt, ff.linear1.weight, ff.linear1.bias)),
+            ff.linear2.weight,
+            ff.linear2.bias,
+        )
+        tgt = _ln(tgt + ffn, ff.norm)
+    return first, predict(tgt)
+
+
+class TestMultiHeadAttention(unittest.TestCase):
+    def test_matches_torch_reference(self):
+        torch.manual_seed(0)
+        attn = MultiHeadAttention(16, 4).eval()
+        b, lq, s = 3, 5, 11
+        q, k, v = torch.randn(b, lq, 16), torch.randn(b, s, 16), torch.randn(b, s, 16)
+        blocked = torch.rand(b, lq, s) < 0.5
+        blocked[..., 0] = False  # keep every row attendable
+        padding = torch.zeros(b, s, dtype=torch.bool)
+        padding[1, -3:] = True
+        ours = attn(q, k, v, attn_mask=blocked, key_padding_mask=padding)
+        ref = _mha(
+            attn,
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            4,
+            attn_mask=blocked.repeat_interleave(4, dim=0),
+            key_padding_mask=padding,
+        ).transpose(0, 1)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+    def test_fused_self_attention_projection(self):
+        torch.manual_seed(0)
+        attn = MultiHeadAttention(16, 2).eval()
+        x, v = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+        ours = attn(x, x, v)
+        ref = _mha(attn, x.transpose(0, 1), x.transpose(0, 1), v.transpose(0, 1), 2)
+        torch.testing.assert_close(ours, ref.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+    def test_bad_arguments(self):
+        with self.assertRaises(ValueError):
+            MultiHeadAttention(10, 3)
+        attn = MultiHeadAttention(8, 2)
+        x = torch.randn(1, 3, 8)
+        with self.assertRaises(TypeError):
+            attn(x, x, x, attn_mask=torch.zeros(1, 3, 3))
+
+
+class TestMultiScaleMaskedTransformerDecoder(unittest.TestCase):
+    def test_state_dict_matches_published_checkpoint(self):
+        cfg = _cfg(DEC_LAYERS=4, HIDDEN_DIM=128, DIM_FEEDFORWARD=512, NUM_OBJECT_QUERIES=30)
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
+        cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 128
+        cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+        dec = build_transformer_decoder(cfg, 128, mask_classification=True)
+        self.assertIsInstance(dec, MultiScaleMaskedTransformerDecoder)
+
+        c, f, q, k = 128, 512, 30, 133
+        expected = {}
+        attn = {
+            "in_proj_weight": (3 * c, c),
+            "in_proj_bias": (3 * c,),
+            "out_proj.weight": (c, c),
+            "out_proj.bias": (c,),
+        }
+        for i in range(3):
+            for layer, module in (
+                ("self_attention", "self_attn"),
+                ("cross_attention", "multihead_attn"),
+            ):
+                for name, shape in attn.items():
+                    expected[f"transformer_{layer}_layers.{i}.{module}.{name}"] = shape
+                expected[f"transformer_{layer}_layers.{i}.norm.weight"] = (c,)
+                expected[f"transformer_{layer}_layers.{i}.norm.bias"] = (c,)
+            ffn = f"transformer_ffn_layers.{i}"
+            expected.update(
+                {
+                    f"{ffn}.linear1.weight": (f, c),
+                    f"{ffn}.linear1.bias": (f,),
+                    f"{ffn}.linear2.weight": (c, f),
+                    f"{ffn}.linear2.bias": (c,),
+                    f"{ffn}.norm.weight": (c,),
+                    f"{ffn}.norm.bias": (c,),
+                }
+            )
+        expected.update(
+            {
+                "decoder_norm.weight": (c,),
+                "decoder_norm.bias": (c,),
+                "query_feat.weight": (q, c),
+                "query_embed.weight": (q, c),
+                "level_embed.weight": (3, c),
+                "class_embed.weight": (k + 1, c),
+                "class_embed.bias": (k + 1,),
+            }
+        )
+        for j in range(3):
+            expected[f"mask_embed.layers.{j}.weight"] = (c, c)
+            expected[f"mask_embed.layers.{j}.bias"] = (c,)
+        got = {name: tuple(t.shape) for name, t in dec.state_dict().items()}
+        self.assertEqual(got, expected)
+        self.assertEqual(len(dec.input_proj), 3)
+        self.assertTrue(all(len(list(p.parameters())) == 0 for p in dec.input_proj))
+
+    def test_input_projection(self):
+        for in_channels, enforce, has_proj in (
+            (16, False, True),
+            (32, True, True),
+            (32, False, False),
+        ):
+            dec = _mask2former(in_channels=in_channels, enforce_input_project=enforce)
+            names = {n for n in dec.state_dict() if n.startswith("input_proj.")}
+            want = {f"input_proj.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+            self.assertEqual(names, want if has_proj else set())
+
+    def test_shapes_and_aux_outputs(self):
+        dec = _mask2former(num_layers=4).train()
+        x, mf = _inputs()
+        out = dec(x, mf)
+        self.assertEqual(out["pred_logits"].shape, (2, 6, 6))
+        self.assertEqual(out["pred_masks"].shape, (2, 6, *MASK_SIZE))
+        self.assertEqual(out["pred_masks"].dtype, torch.float32)
+        self.assertEqual(len(out["aux_outputs"]), 4)  # learned queries + layers 1..3
+        for aux in out["aux_outputs"]:
+            self.assertEqual(set(aux), {"pred_logits", "pred_masks"})
+            self.assertEqual(aux["pred_masks"].shape, (2, 6, *MASK_SIZE))
+
+        dec.eval()
+        with torch.no_grad():
+            evaluated = dec(x, mf)
+        self.assertEqual(evaluated["aux_outputs"], [])
+        dec.aux_outputs_in_eval = True
+        with torch.no_grad():
+            self.assertEqual(len(dec(x, mf)["aux_outputs"]), 4)
+
+    def test_from_config_layers(self):
+        cfg = _cfg(DEC_LAYERS=3, HIDDEN_DIM=32, NHEADS=4, NUM_OBJECT_QUERIES=5, DIM_FEEDFORWARD=16)
+        cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 8
+        dec = MultiScaleMaskedTransformerDecoder(cfg, 32, True)
+        self.assertEqual(dec.num_layers, 2)
+        self.assertEqual(len(dec.transformer_ffn_layers), 2)
+        cfg.MODEL.MASK_FORMER.DEC_LAYERS = 0
+        with self.assertRaises(ValueError):
+            MultiScaleMaskedTransformerDecoder(cfg, 32, True)
+
+    def test_without_mask_classification(self):
+        dec = _mask2former(mask_classification=False, num_layers=2).train()
+        self.assertFalse(hasattr(dec, "class_embed"))
+        out = dec(*_inputs())
+        self.assertNotIn("pred_logits", out)
+        self.assertEqual([set(a) for a in out["aux_outputs"]], [{"pred_masks"}] * 2)
+
+    def test_first_layer_matches_naive_reference(self):
+        for pre_norm in (False, True):
+            with self.subTest(pre_norm=pre_norm):
+                torch.manual_seed(1)
+                dec = _mask2former(num_layers=1, in_channels=16, pre_norm=pre_norm).train()
+                x, mf = _inputs(channels=16, seed=2)
+                out = dec(x, mf)
+                (logits0, masks0), (logits1, masks1) = _naive_mask2former_first_layer(
+                    dec, x, mf, pre_norm
+                )
+                aux = out["aux_outputs"][0]
+                torch.testing.assert_close(aux["pred_logits"], logits0, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(aux["pred_masks"], masks0, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(out["pred_logits"], logits1, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(out["pred_masks"], masks1, atol=1e-4, rtol=1e-4)
+                # The attention mask was informative: some pixels were blocked.
+                small = F.interpolate(masks0, size=LEVEL_SIZES[0], mode="bilinear")
+                self.assertTrue(0.05 < (small < 0).float().mean() < 0.95)
+
+    def test_eval_matches_training_predictions(self):
+        torch.manual_seed(3)
+        dec = _mask2former(num_layers=5)
+        x, mf = _inputs(seed=4)
+        with torch.no_grad():
+            trained = dec.train()(x, mf)
+            evaluated = dec.eval()(x, mf)
+        torch.testing.assert_close(
+            evaluated["pred_masks"], trained["pred_masks"], atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            evaluated["pred_logits"], trained["pred_logits"], atol=1e-4, rtol=1e-4
+        )
+
+    def test_query_predicting_nothing_attends_everywhere(self):
+        # With mask_embed's last layer fixed to a constant vector, every query predicts the
+        # same sign everywhere (mask features are positive). All-negative masks block whole
+        # rows, which must fall back to attending everywhere, i.e. exactly like all-positive
+        # masks, which block nothing.
+        torch.manual_seed(5)
+        dec = _mask2former(num_layers=3).eval()
+        x, _ = _inputs(seed=6)
+        mf = torch.rand(2, 24, *MASK_SIZE) + 0.1
+        last = dec.mask_embed.layers[-1]
+        results = []
+        with torch.no_grad():
+            last.weight.zero_()
+            for sign in (-1.0, 1.0):
+                last.bias.fill_(sign)
+                out = dec(x, mf)
+                self.assertTrue(torch.isfinite(out["pred_logits"]).all())
+                self.assertTrue(torch.isfinite(out["pred_masks"]).all())
+                results.append(out["pred_logits"])
+        torch.testing.assert_close(results[0], results[1])
+
+    def test_attention_mask_rule(self):
+        logits = torch.tensor([[[[-1.0, 2.0], [0.5, -3.0]], [[-1.0, -2.0], [-0.5, -3.0]]]])
+        mask = _attention_mask(logits)  # (1, 2, 4)
+        expected = torch.tensor([[[True, False, False, True], [False, False, False, False]]])
+        self.assertTrue(torch.equal(mask, expected))
+
+    def test_every_parameter_gets_gradient(self):
+        dec = _mask2former(num_layers=3, in_channels=16).train()
+        x, mf = _inputs(channels=16)
+        mf.requires_grad_(True)
+        out = dec(x, mf)
+        preds = [out] + out["aux_outputs"]
+        loss = sum(p["pred_logits"].sum() + p["pred_masks"].square().mean() for p in preds)
+        loss.backward()
+        missing = [n for n, p in dec.named_parameters() if p.grad is None]
+        self.assertEqual(missing, [])
+        self.assertIsNotNone(mf.grad)
+
+    def test_bfloat16_autocast(self):
+        dec = _mask2former(num_layers=3).eval()
+        x, mf = _inputs()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = dec(x, mf)
+        self.assertTrue(torch.isfinite(out["pred_masks"].float()).all())
+        self.assertEqual(out["pred_masks"].shape, (2, 6, *MASK_SIZE))
+
+    def test_loads_old_static_query_name(self):
+        dec = _mask2former()
+        state = dict(dec.state_dict())  # a plain dict has no version metadata, like a .pkl
+        state["static_query.weight"] = state.pop("query_feat.weight") + 1.0
+        other = _mask2former()
+        other.load_state_dict(state)
+        torch.testing.assert_close(other.query_feat.weight, dec.query_feat.weight + 1.0)
+
+    def test_wrong_number_of_levels(self):
+        dec = _mask2former()
+        x, mf = _inputs()
+        with self.assertRaises(ValueError):
+            dec(x[:2], mf)
+
+
+def _maskformer(**kwargs) -> StandardTransformerDecoder:
+    args = dict(
+        num_classes=5,
+        hidden_dim=32,
+        num_queries=6,
+        num_heads=4,
+        dropout=0.0,
+        dim_feedforward=48,
+        enc_layers=1,
+        dec_layers=2,
+        pre_norm=False,
+        deep_supervision=True,
+        mask_dim=24,
+        enforce_input_project=False,
+    )
+    args.update(kwargs)
+    in_channels = args.pop("in_channels", 32)
+    return StandardTransformerDecoder(in_channels, args.pop("mask_classification", True), **args)
+
+
+def _naive_detr(dec, x, mask_features):
+    """All decoder-layer predictions of MaskFormer's DETR decoder (post-norm), seq-first."""
+    tr = dec.transformer
+    heads = tr.num_heads
+    b, _, h, w = x.shape
+    src = x.flatten(2).permute(2, 0, 1)  # (S, B, C)
+    pos = _naive_sine_pos(h, w, src.shape[-1])
+    for layer in tr.encoder.layers:
+        src = _ln(src + _mha(layer.self_attn, src + pos, src + pos, src, heads), layer.norm1)
+        ffn = F.linear(
+            F.relu(F.linear(src, layer.linear1.weight, layer.linear1.bias)),
+            layer.linear2.weight,
+            layer.linear2.bias,
+        )
+        src = _ln(src + ffn, layer.norm2)
+    qpos = dec.query_embed.weight[:, None].repeat(1, b, 1)
+    tgt = torch.zeros_like(qpos)
+    outputs = []
+    for layer in tr.decoder.layers:
+        tgt = _ln(tgt + _mha(layer.self_attn, tgt + qpos, tgt + qpos, tgt, heads), layer.norm1)
+        tgt = _ln(tgt + _mha(layer.multihead_attn, tgt + qpos, src + pos, src, heads), layer.norm2)
+        ffn = F.linear(
+            F.relu(F.linear(tgt, layer.linear1.weight, layer.linear1.bias)),
+            layer.linear2.weight,
+            layer.linear2.bias,
+        )
+        tgt = _ln(tgt + ffn, layer.norm3)
+        d = _ln(tgt, tr.decoder.norm).transpose(0, 1)
+        logits = F.linear(d, dec.class_embed.weight, dec.class_embed.bias)
+        masks = torch.einsum("bqc,bchw->bqhw", _mlp(d, dec.mask_embed), mask_features)
+        outputs.append((logits, masks))
+    return outputs
+
+
+class TestStandardTransformerDecoder(unittest.TestCase):
+    def test_state_dict_names(self):
+        for pre_norm in (False, True):
+            dec = _maskformer(in_channels=16, pre_norm=pre_norm)
+            expected = {
+                "query_embed.weight",
+                "input_proj.weight",
+                "input_proj.bias",
+                "class_embed.weight",
+                "class_embed.bias",
+                "transformer.decoder.norm.weight",
+                "transformer.decoder.norm.bias",
+            }
+            expected |= {f"mask_embed.layers.{j}.{p}" for j in range(3) for p in ("weight", "bias")}
+            attn = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+            common = {f"{lin}.{p}" for lin in ("linear1", "linear2") for p in ("weight", "bias")}
+            enc = common | {f"self_attn.{a}" for a in attn}
+            enc |= {f"norm{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+            decl = common | {f"{m}.{a}" for m in ("self_attn", "multihead_attn") for a in attn}
+            decl |= {f"norm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
+            expected |= {f"transformer.encoder.layers.0.{n}" for n in enc}
+            expected |= {f"transformer.decoder.layers.{i}.{n}" for i in range(2) for n in decl}
+            if pre_norm:
+                expected |= {"transformer.encoder.norm.weight", "transformer.encoder.norm.bias"}
+            self.assertEqual(set(dec.state_dict()), expected)
+
+    def test_from_config(self):
+        cfg = _cfg(
+            HIDDEN_DIM=32,
+            NHEADS=4,
+            NUM_OBJECT_QUERIES=5,
+            DIM_FEEDFORWARD=16,
+            ENC_LAYERS=0,
+            DEC_LAYERS=3,
+            TRANSFORMER_DECODER_NAME="StandardTransformerDecoder",
+        )
+        cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 8
+        dec = build_transformer_decoder(cfg, 64, mask_classification=True)
+        self.assertIsInstance(dec, StandardTransformerDecoder)
+        self.assertEqual(len(dec.transformer.encoder.layers), 0)
+        self.assertEqual(len(dec.transformer.decoder.layers), 3)
+        self.assertTrue(dec.aux_loss)
+
+    def test_matches_naive_reference(self):
+        torch.manual_seed(7)
+        dec = _maskformer(dec_layers=3).train()
+        g = torch.Generator().manual_seed(8)
+        x = torch.randn(2, 32, *LEVEL_SIZES[0], generator=g)
+        mf = torch.randn(2, 24, *MASK_SIZE, generator=g)
+        out = dec(x, mf)
+        ref = _naive_detr(dec, x, mf)
+        preds = out["aux_outputs"] + [out]
+        self.assertEqual(len(preds), 3)
+        for got, (logits, masks) in zip(preds, ref):
+            torch.testing.assert_close(got["pred_logits"], logits, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got["pred_masks"], masks, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            evaluated = dec.eval()(x, mf)
+        self.assertEqual(evaluated["aux_outputs"], [])
+        torch.testing.assert_close(evaluated["pred_masks"], ref[-1][1], atol=1e-4, rtol=1e-4)
+
+    def test_shapes_options_and_padding_mask(self):
+        x = torch.randn(2, 16, *LEVEL_SIZES[0])
+        mf = torch.randn(2, 24, *MASK_SIZE)
+        dec = _maskformer(in_channels=16, deep_supervision=False, pre_norm=True).eval()
+        padding = torch.zeros(2, 200, 249, dtype=torch.bool)
+        padding[1, :, 200:] = True
+        with torch.no_grad():
+            out = dec(x, mf, padding)
+        self.assertEqual(set(out), {"pred_logits", "pred_masks"})
+        self.assertEqual(out["pred_logits"].shape, (2, 6, 6))
+        self.assertEqual(out["pred_masks"].shape, (2, 6, *MASK_SIZE))
+        self.assertTrue(torch.isfinite(out["pred_masks"]).all())
+
+        dec = _maskformer(in_channels=16, mask_classification=False).train()
+        out = dec(x, mf)
+        self.assertEqual(set(out), {"pred_masks", "aux_outputs"})
+        self.assertEqual([set(a) for a in out["aux_outputs"]], [{"pred_masks"}])
+
+    def test_every_parameter_gets_gradient(self):
+        dec = _maskformer(in_channels=16, dropout=0.1).train()
+        out = dec(torch.randn(2, 16, *LEVEL_SIZES[0]), torch.randn(2, 24, *MASK_SIZE))
+        preds = [out] + out["aux_outputs"]
+        sum(p["pred_logits"].sum() + p["pred_masks"].square().mean() for p in preds).backward()
+        missing = [n for n, p in dec.named_parameters() if p.grad is None]
+        self.assertEqual(missing, [])
+
+
+if __name__ == "__main__":
+    unittest.main()
