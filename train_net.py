@@ -7,18 +7,18 @@
 """
 import logging
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import verify_results
-from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler
+from detectron2.projects.deeplab import build_lr_scheduler
 from detectron2.utils.logger import setup_logger
 
 import mask2former_d2  # noqa: F401  (registers models and datasets)
-from mask2former_d2 import add_maskformer2_config
+from mask2former_d2 import get_maskformer_cfg
+from mask2former_d2.checkpoint import MaskFormerCheckpointer
 from mask2former_d2.data.mappers import build_dataset_mapper
 from mask2former_d2.evaluation import build_evaluator
 from mask2former_d2.solver import build_optimizer
@@ -27,6 +27,17 @@ from mask2former_d2.test_time_augmentation import SemanticSegmentorWithTTA
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the MaskFormer data mappers, optimizer, schedule and evaluators."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # Same checkpointables as Detectron2's, but a checkpoint of another architecture is an
+        # error rather than a half-loaded model.
+        self.checkpointer = MaskFormerCheckpointer(
+            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        for h in self._hooks:
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                h.checkpointer = self.checkpointer
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -61,11 +72,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_deeplab_config(cfg)
-    add_maskformer2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_maskformer_cfg(args.config_file, args.opts)
     if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -79,7 +86,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        MaskFormerCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -5,7 +5,7 @@ transformer decoders, dataset mappers and datasets with Detectron2.
 """
 from . import data  # noqa: F401  (registers datasets)
 from . import modeling  # noqa: F401  (registers models)
-from .config import add_maskformer2_config
+from .config import add_maskformer2_config, get_maskformer_cfg
 
-__all__ = ["add_maskformer2_config"]
+__all__ = ["add_maskformer2_config", "get_maskformer_cfg"]
 __version__ = "0.1.0"

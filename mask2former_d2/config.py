@@ -6,7 +6,7 @@ published default, so published YAML files merge unchanged (after Detectron2's
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_maskformer2_config"]
+__all__ = ["add_maskformer2_config", "get_maskformer_cfg"]
 
 
 def add_maskformer2_config(cfg: CN) -> None:
@@ -111,3 +111,53 @@ def add_maskformer2_config(cfg: CN) -> None:
     swin.PATCH_NORM = True
     swin.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     swin.USE_CHECKPOINT = False
+
+
+def _all_keys(node: CN, prefix: str = "") -> list:
+    keys = []
+    for k, v in node.items():
+        name = prefix + k
+        keys.extend(_all_keys(v, name + ".") if isinstance(v, CN) else [name])
+    return keys
+
+
+def _unknown_key_error(cfg: CN, key: str, source: str) -> KeyError:
+    import difflib
+
+    close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return KeyError(f"{source}: unknown config key {key}{hint}")
+
+
+def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
+    """Detectron2's defaults + DeepLab's + :func:`add_maskformer2_config`, then ``config_file``
+    and ``opts`` (``[KEY, VALUE, ...]``) merged in. Unknown keys raise ``KeyError`` naming the key,
+    where it came from and the closest known keys."""
+    import os
+    import re
+
+    from detectron2.config import get_cfg
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, AssertionError) as e:
+            m = re.search(r"Non-existent config key: ([\w.]+)", str(e))
+            if m:
+                raise _unknown_key_error(cfg, m.group(1), config_file) from None
+            raise
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs; got an odd count: {opts}")
+    known = set(_all_keys(cfg))
+    for key in opts[0::2]:
+        if key not in known:
+            raise _unknown_key_error(cfg, key, "command-line override")
+    cfg.merge_from_list(opts)
+    return cfg

@@ -1,0 +1,59 @@
+"""Shared helpers for the tests: a tiny model config and inputs."""
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+from detectron2.structures import Instances
+
+from mask2former_d2.config import get_maskformer_cfg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "configs", "quickstart", "maskformer2_R18_tiny_coco_panoptic.yaml")
+SHARED = os.environ.get("M2F_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+
+
+def tiny_cfg(*opts, config_file: str = TINY_CONFIG):
+    """The quick-start config shrunk further for unit tests (random init, CPU)."""
+    return get_maskformer_cfg(
+        config_file,
+        [
+            "MODEL.DEVICE", "cpu",
+            "MODEL.WEIGHTS", "",
+            "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32,
+            "MODEL.SEM_SEG_HEAD.MASK_DIM", 32,
+            "MODEL.MASK_FORMER.HIDDEN_DIM", 32,
+            "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", 8,
+            "MODEL.MASK_FORMER.DIM_FEEDFORWARD", 64,
+            "MODEL.MASK_FORMER.DEC_LAYERS", 3,
+            "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", 256,
+            "MODEL.MASK_FORMER.TEST.SEMANTIC_ON", True,
+            "MODEL.MASK_FORMER.TEST.INSTANCE_ON", True,
+            "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", True,
+            "DATASETS.TEST", ("coco_2017_val_panoptic_with_sem_seg",),
+        ]
+        + list(opts),
+    )
+
+
+def make_inputs(
+    sizes: Sequence[Tuple[int, int]], num_classes: int = 133, with_targets: bool = False,
+    out_sizes: Sequence[Tuple[int, int]] = (), seed: int = 0,
+) -> List[dict]:
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i, (h, w) in enumerate(sizes):
+        x = {"image": torch.randint(0, 256, (3, h, w), generator=g).float()}
+        if out_sizes:
+            x["height"], x["width"] = out_sizes[i]
+        if with_targets:
+            inst = Instances((h, w))
+            n = 3
+            masks = torch.zeros(n, h, w, dtype=torch.bool)
+            for j in range(n):
+                y0, x0 = int(torch.randint(0, h // 2, (1,), generator=g)), int(torch.randint(0, w // 2, (1,), generator=g))
+                masks[j, y0 : y0 + h // 3, x0 : x0 + w // 3] = True
+            inst.gt_masks = masks
+            inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
+            x["instances"] = inst
+        batch.append(x)
+    return batch
