@@ -14,9 +14,11 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
+from .instance_evaluation import InstanceSegEvaluator
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_evaluator", "coco_eval_backend"]
+__all__ = ["build_evaluator", "coco_eval_backend", "InstanceSegEvaluator"]
 
 # evaluator_type values whose datasets hold panoptic annotations.
 _PANOPTIC_TYPES = (
@@ -57,9 +59,9 @@ def build_evaluator(
                 "(metadata json_file); set MODEL.MASK_FORMER.TEST.INSTANCE_ON False or register it"
             )
         logger.info("COCO instance evaluation uses %s", coco_eval_backend())
-        evaluators.append(
-            COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=True)
-        )
+        # Panoptic datasets number classes over things and stuff together.
+        cls = COCOEvaluator if kind == "coco" else InstanceSegEvaluator
+        evaluators.append(cls(dataset_name, output_dir=output_folder, use_fast_impl=True))
     if kind == "cityscapes_sem_seg" or (kind == "cityscapes_panoptic_seg" and test.SEMANTIC_ON):
         evaluators.append(CityscapesSemSegEvaluator(dataset_name))
     if kind == "cityscapes_instance" or (kind == "cityscapes_panoptic_seg" and test.INSTANCE_ON):
