@@ -32,12 +32,12 @@ fi
 
 # Runtime dependencies of detectron2 and of this project. numpy<2 because
 # detectron2's released sources predate numpy 2.
-if ! have cv2 scipy fvcore iopath pycocotools yacs omegaconf hydra tabulate termcolor pytest matplotlib; then
+if ! have cv2 scipy fvcore iopath pycocotools yacs omegaconf hydra tabulate termcolor pytest matplotlib shapely; then
   log "installing runtime dependencies"
   $PIP install "numpy<2" "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" pycocotools \
     opencv-python-headless scipy "Pillow>=7.1" matplotlib termcolor "yacs>=0.1.8" tabulate \
     cloudpickle "tqdm>4.29.0" tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" packaging \
-    pytest
+    pytest shapely
 fi
 
 if ! have detectron2 detectron2.projects.deeplab; then

@@ -141,6 +141,7 @@ class TestBuild(unittest.TestCase):
                 "mask_former_instance",
                 "coco_instance_lsj",
                 "coco_panoptic_lsj",
+                "detr_panoptic",
             },
         )
 
@@ -154,8 +155,8 @@ class TestBuild(unittest.TestCase):
 
     def test_unknown_name_lists_valid_names(self):
         with self.assertRaises(KeyError) as ctx:
-            build_dataset_mapper(_cfg(DATASET_MAPPER_NAME="detr_panoptic"))
-        for name in ["detr_panoptic", *MAPPERS]:
+            build_dataset_mapper(_cfg(DATASET_MAPPER_NAME="detr_panoptc"))
+        for name in ["detr_panoptc", *MAPPERS]:
             self.assertIn(name, str(ctx.exception))
 
     def test_semantic_train_augmentations(self):
@@ -279,6 +280,27 @@ class TestPanopticCOCO(unittest.TestCase):
             self.assertEqual(len(inst), len(d["segments_info"]) - len(crowd_ids))
         # PROVENANCE: 18 segments with 1 crowd, 32 segments with 2 crowd.
         self.assertEqual([len(mapper(d)["instances"]) for d in self.dicts], [17, 30])
+
+    def test_detr_augmentation_keeps_masks_consistent(self):
+        cfg = _cfg(
+            DATASET_MAPPER_NAME="detr_panoptic", MIN_SIZE_TRAIN=(320,), MAX_SIZE_TRAIN=480,
+            CROP__ENABLED=True, CROP__TYPE="absolute_range", CROP__SIZE=[200, 300],
+        )
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
+        mapper = build_dataset_mapper(cfg, True)
+        mapper.class_ids = frozenset(range(133))
+        np.random.seed(0)
+        sizes = set()
+        for _ in range(6):  # both branches (plain resize / resize-crop-resize) get exercised
+            out = mapper(self.dicts[0])
+            h, w = out["image"].shape[1:]
+            sizes.add((h, w))
+            self.assertEqual(min(h, w), 320)
+            inst = out["instances"]
+            self.assertEqual(inst.gt_masks.shape[1:], (h, w))
+            self.assertTrue(bool(inst.gt_masks.flatten(1).any(1).all()))
+            self.assertTrue(set(inst.gt_classes.tolist()) <= {s["category_id"] for s in self.dicts[0]["segments_info"]})
+        self.assertGreater(len(sizes), 1)
 
     def test_flip_flips_masks_and_image(self):
         out = self._mapper([T.RandomFlip(prob=1.0)])(self.dicts[0])

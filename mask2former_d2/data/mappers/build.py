@@ -6,7 +6,7 @@ from detectron2.config import CfgNode
 
 from .instance import MaskFormerInstanceDatasetMapper
 from .lsj import COCOInstanceNewBaselineDatasetMapper, COCOPanopticNewBaselineDatasetMapper
-from .panoptic import MaskFormerPanopticDatasetMapper
+from .panoptic import DETRPanopticDatasetMapper, MaskFormerPanopticDatasetMapper
 from .semantic import MaskFormerSemanticDatasetMapper
 
 __all__ = ["MAPPERS", "build_dataset_mapper"]
@@ -18,6 +18,7 @@ MAPPERS: Dict[str, Type] = {
     "mask_former_instance": MaskFormerInstanceDatasetMapper,
     "coco_instance_lsj": COCOInstanceNewBaselineDatasetMapper,
     "coco_panoptic_lsj": COCOPanopticNewBaselineDatasetMapper,
+    "detr_panoptic": DETRPanopticDatasetMapper,
 }
 
 

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode
+from detectron2.data import transforms as T
 
 from .semantic import MaskFormerSemanticDatasetMapper
 from .utils import (
@@ -22,7 +24,7 @@ from .utils import (
     rgb2id,
 )
 
-__all__ = ["MaskFormerPanopticDatasetMapper"]
+__all__ = ["MaskFormerPanopticDatasetMapper", "DETRPanopticDatasetMapper"]
 
 
 class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
@@ -115,3 +117,33 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
         masks = ids_t[None] == seg_ids[:, None, None]  # (N, H, W)
         dataset_dict["instances"] = self._instances(image_hw, classes, masks)
         return dataset_dict
+
+
+class _OneOf(T.Augmentation):
+    """Applies one of several augmentation pipelines, chosen uniformly at random."""
+
+    def __init__(self, *pipelines: List[T.Augmentation]) -> None:
+        super().__init__()
+        self.pipelines = [T.AugmentationList(p) for p in pipelines]
+
+    def __call__(self, aug_input: T.AugInput) -> T.Transform:
+        return self.pipelines[np.random.randint(len(self.pipelines))](aug_input)
+
+
+class DETRPanopticDatasetMapper(MaskFormerPanopticDatasetMapper):
+    """"detr_panoptic" (MaskFormer's COCO panoptic configs): DETR's augmentation — flip, then
+    either a shortest-edge resize, or a resize to 400-600 + random crop + shortest-edge resize."""
+
+    @classmethod
+    def train_augmentations(cls, cfg: CfgNode, ignore_label: int) -> List[T.Augmentation]:
+        resize = T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        )
+        if not cfg.INPUT.CROP.ENABLED:
+            return [T.RandomFlip(), resize]
+        crop = [
+            T.ResizeShortestEdge([400, 500, 600], sample_style="choice"),
+            T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE),
+            resize,
+        ]
+        return [T.RandomFlip(), _OneOf([resize], crop)]

@@ -1,0 +1,455 @@
+"""Multi-scale deformable-attention pixel decoder (Mask2Former's default).
+
+Shapes: B batch, C channels (``conv_dim``), L encoder levels (lowest resolution first),
+H_l/W_l the size of level l, S = sum_l H_l * W_l, M attention heads, P sampling points.
+Sequences are batch-first (B, S, C); feature maps are (B, C, H, W).
+
+The backbone levels named by ``transformer_in_features`` (normally res3..res5) are projected to
+C channels and refined jointly by a deformable-attention transformer encoder. The finer
+backbone levels (normally res2) are then merged in FPN style, and a 1x1 conv produces the mask
+features. Attribute names (``input_proj``, ``transformer.level_embed``,
+``transformer.encoder.layers.{j}``, ``mask_features``, ``adapter_{k}``, ``layer_{k}``) match the
+published checkpoints.
+"""
+
+import copy
+import logging
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from torch import Tensor, nn
+
+from ...layers.ms_deform_attn import MSDeformAttn
+from ..transformer_decoder.position_encoding import PositionEmbeddingSine
+from .build import PIXEL_DECODER_REGISTRY
+
+__all__ = [
+    "MSDeformAttnPixelDecoder",
+    "MSDeformAttnTransformerEncoderOnly",
+    "MSDeformAttnTransformerEncoder",
+    "MSDeformAttnTransformerEncoderLayer",
+]
+
+logger = logging.getLogger(__name__)
+
+# The published checkpoints use this feed-forward width in the encoder, whatever
+# MODEL.MASK_FORMER.DIM_FEEDFORWARD says (that key sizes the transformer decoder).
+ENCODER_DIM_FEEDFORWARD = 1024
+# The transformer decoder always reads the three coarsest outputs.
+NUM_DECODER_LEVELS = 3
+
+
+class MSDeformAttnTransformerEncoderLayer(nn.Module):
+    """Post-norm encoder layer: deformable self-attention, then a ReLU feed-forward block.
+
+    Args:
+        hidden_dim: channels C.
+        dim_feedforward: inner width of the feed-forward block.
+        dropout: dropout after attention, inside and after the feed-forward block.
+        num_levels: feature levels L.
+        num_heads: attention heads M.
+        num_points: sampling points P per head and level.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_dim: int = 256,
+        dim_feedforward: int = ENCODER_DIM_FEEDFORWARD,
+        dropout: float = 0.1,
+        num_levels: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+    ) -> None:
+        super().__init__()
+        # Construction order matches the published module, so a seeded init draws the same
+        # random numbers.
+        self.self_attn = MSDeformAttn(hidden_dim, num_levels, num_heads, num_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2). Returns (B, S, C)."""
+        attn = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
+        src = self.norm1(src + self.dropout1(attn))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class MSDeformAttnTransformerEncoder(nn.Module):
+    """A stack of identical-at-init encoder layers sharing the reference points.
+
+    Args:
+        encoder_layer: the layer to clone.
+        num_layers: number of clones.
+    """
+
+    def __init__(self, encoder_layer: nn.Module, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
+        self.num_layers = num_layers
+
+    @staticmethod
+    def get_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+        """Pixel centres of every level, normalised by the valid (unpadded) extent.
+
+        Args:
+            spatial_shapes: (L, 2) integer (H_l, W_l).
+            valid_ratios: (B, L, 2) fraction (x, y) of each level that is not padding.
+
+        Returns:
+            (B, S, L, 2) normalised (x, y): the centre of each position, expressed in the
+            frame of every level.
+        """
+        points = []
+        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+            dtype, device = torch.float32, valid_ratios.device
+            # Centres (i + 0.5) divided by the valid size of the level.
+            ys = (torch.arange(h, dtype=dtype, device=device) + 0.5)[None] / (
+                valid_ratios[:, None, level, 1] * h
+            )  # (B, H)
+            xs = (torch.arange(w, dtype=dtype, device=device) + 0.5)[None] / (
+                valid_ratios[:, None, level, 0] * w
+            )  # (B, W)
+            grid = torch.stack(
+                (xs[:, None, :].expand(-1, h, w), ys[:, :, None].expand(-1, h, w)), -1
+            )  # (B, H, W, 2)
+            points.append(grid.reshape(grid.shape[0], h * w, 2))
+        reference_points = torch.cat(points, 1)  # (B, S, 2)
+        return reference_points[:, :, None] * valid_ratios[:, None]  # (B, S, L, 2)
+
+    def forward(
+        self,
+        src: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        pos: Tensor,
+        padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """src, pos: (B, S, C); valid_ratios: (B, L, 2). Returns (B, S, C)."""
+        reference_points = self.get_reference_points(spatial_shapes, valid_ratios)
+        out = src
+        for layer in self.layers:
+            out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return out
+
+
+class MSDeformAttnTransformerEncoderOnly(nn.Module):
+    """Flattens the levels, adds level embeddings to the position encodings and runs the encoder.
+
+    Args:
+        hidden_dim: channels C.
+        num_heads: attention heads M.
+        num_encoder_layers: encoder depth.
+        dim_feedforward: feed-forward width.
+        dropout: dropout probability.
+        num_feature_levels: levels L.
+        num_points: sampling points P per head and level.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_dim: int = 256,
+        num_heads: int = 8,
+        num_encoder_layers: int = 6,
+        dim_feedforward: int = ENCODER_DIM_FEEDFORWARD,
+        dropout: float = 0.1,
+        num_feature_levels: int = 4,
+        num_points: int = 4,
+    ) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        layer = MSDeformAttnTransformerEncoderLayer(
+            hidden_dim=hidden_dim,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            num_levels=num_feature_levels,
+            num_heads=num_heads,
+            num_points=num_points,
+        )
+        self.encoder = MSDeformAttnTransformerEncoder(layer, num_encoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Xavier for every matrix, then the attention modules' own init, then N(0, 1) level
+        # embeddings: the published order.
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module._reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    def forward(
+        self, srcs: List[Tensor], pos_embeds: List[Tensor]
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """
+        Args:
+            srcs: L maps (B, C, H_l, W_l), lowest resolution first.
+            pos_embeds: matching position encodings (B, C, H_l, W_l).
+
+        Returns:
+            memory (B, S, C), spatial_shapes (L, 2) long (H_l, W_l), level_start_index (L,) long.
+        """
+        if len(srcs) != self.level_embed.shape[0] or len(pos_embeds) != len(srcs):
+            raise ValueError(
+                f"expected {self.level_embed.shape[0]} feature levels and as many position "
+                f"encodings, got {len(srcs)} and {len(pos_embeds)}"
+            )
+        src_flatten, pos_flatten, sizes = [], [], []
+        for level, (src, pos) in enumerate(zip(srcs, pos_embeds)):
+            sizes.append(tuple(src.shape[-2:]))
+            src_flatten.append(src.flatten(2).transpose(1, 2))  # (B, H*W, C)
+            pos = pos.flatten(2).transpose(1, 2)  # (B, H*W, C)
+            pos_flatten.append(pos + self.level_embed[level].view(1, 1, -1))
+        src_flatten = torch.cat(src_flatten, 1)  # (B, S, C)
+        pos_flatten = torch.cat(pos_flatten, 1)
+        device = src_flatten.device
+        spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)  # (L, 2)
+        level_start_index = torch.cat(
+            (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])
+        )
+        # This decoder never pads its inputs: every level is entirely valid.
+        valid_ratios = torch.ones(
+            src_flatten.shape[0], len(srcs), 2, dtype=torch.float32, device=device
+        )
+        memory = self.encoder(
+            src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten
+        )
+        return memory, spatial_shapes, level_start_index
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class MSDeformAttnPixelDecoder(nn.Module):
+    """Deformable-attention encoder over the coarse levels plus an FPN step to the finest ones.
+
+    Returns mask features at ``common_stride``, the encoder output of the coarsest level and
+    three multi-scale maps (strides 32, 16, 8 with the default features) for the transformer
+    decoder. Runs in float32 even under autocast, as the published implementation does.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        transformer_dropout: float,
+        transformer_nheads: int,
+        transformer_dim_feedforward: int,
+        transformer_enc_layers: int,
+        conv_dim: int,
+        mask_dim: int,
+        norm: Optional[Union[str, Callable]] = None,
+        transformer_in_features: List[str],
+        common_stride: int,
+        transformer_n_points: int = 4,
+    ) -> None:
+        """
+        Args:
+            input_shape: channels and stride of every backbone feature the decoder reads.
+            transformer_dropout: dropout probability in the encoder.
+            transformer_nheads: attention heads of the encoder.
+            transformer_dim_feedforward: encoder feed-forward width (1024 in the published
+                checkpoints).
+            transformer_enc_layers: encoder depth.
+            conv_dim: channels C of the encoder and the FPN convs.
+            mask_dim: channels of the mask features.
+            norm: normalization of the FPN convs ("GN" in the published configs; "" for none).
+            transformer_in_features: the features the encoder reads (a subset of input_shape).
+            common_stride: stride of the mask features; finer input features down to it are
+                merged in FPN style.
+            transformer_n_points: sampling points per head and level.
+        """
+        super().__init__()
+        if not input_shape:
+            raise ValueError(
+                "MSDeformAttnPixelDecoder: input_shape is empty; "
+                "check MODEL.SEM_SEG_HEAD.IN_FEATURES"
+            )
+        missing = [f for f in transformer_in_features if f not in input_shape]
+        if not transformer_in_features or missing:
+            raise ValueError(
+                "MSDeformAttnPixelDecoder: transformer_in_features="
+                f"{list(transformer_in_features)} must be a non-empty subset of the input "
+                f"features {sorted(input_shape)}"
+            )
+        # All inputs, finest first (res2 .. res5).
+        ordered = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
+        self.in_features = [k for k, _ in ordered]
+        self.feature_strides = [v.stride for _, v in ordered]
+        self.feature_channels = [v.channels for _, v in ordered]
+        # The encoder's inputs, finest first (res3 .. res5); the encoder itself sees them
+        # coarsest first.
+        enc_ordered = [(k, v) for k, v in ordered if k in transformer_in_features]
+        self.transformer_in_features = [k for k, _ in enc_ordered]
+        self.transformer_feature_strides = [v.stride for _, v in enc_ordered]
+        transformer_in_channels = [v.channels for _, v in enc_ordered]
+        self.transformer_num_feature_levels = len(self.transformer_in_features)
+
+        num_fpn_levels = math.log2(min(self.transformer_feature_strides) / common_stride)
+        if num_fpn_levels < 0 or num_fpn_levels != int(num_fpn_levels):
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder: common_stride={common_stride} must be a power-of-2 "
+                f"divisor of the finest encoder stride {min(self.transformer_feature_strides)}"
+            )
+        self.num_fpn_levels = int(num_fpn_levels)
+        if (
+            self.num_fpn_levels > 0
+            and self.feature_strides[self.num_fpn_levels - 1] < common_stride
+        ):
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder: input strides {self.feature_strides} do not provide "
+                f"{self.num_fpn_levels} FPN level(s) between common_stride={common_stride} and "
+                f"the encoder's finest stride {min(self.transformer_feature_strides)}"
+            )
+
+        # 1x1 conv + GroupNorm(32) per encoder level, coarsest first (res5 -> res3).
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
+            for c in transformer_in_channels[::-1]
+        )
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+
+        self.transformer = MSDeformAttnTransformerEncoderOnly(
+            hidden_dim=conv_dim,
+            num_heads=transformer_nheads,
+            num_encoder_layers=transformer_enc_layers,
+            dim_feedforward=transformer_dim_feedforward,
+            dropout=transformer_dropout,
+            num_feature_levels=self.transformer_num_feature_levels,
+            num_points=transformer_n_points,
+        )
+        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
+
+        self.mask_dim = mask_dim
+        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1, stride=1, padding=0)
+        weight_init.c2_xavier_fill(self.mask_features)
+
+        self.maskformer_num_feature_levels = NUM_DECODER_LEVELS
+        self.common_stride = common_stride
+
+        # FPN convs for the inputs finer than the encoder's, registered finest first as
+        # adapter_1/layer_1, adapter_2/layer_2, ... (the checkpoint names).
+        use_bias = norm == ""
+        lateral_convs, output_convs = [], []
+        for idx, in_channels in enumerate(self.feature_channels[: self.num_fpn_levels]):
+            lateral_conv = Conv2d(
+                in_channels, conv_dim, kernel_size=1, bias=use_bias, norm=get_norm(norm, conv_dim)
+            )
+            output_conv = Conv2d(
+                conv_dim,
+                conv_dim,
+                kernel_size=3,
+                stride=1,
+                padding=1,
+                bias=use_bias,
+                norm=get_norm(norm, conv_dim),
+                activation=F.relu,
+            )
+            weight_init.c2_xavier_fill(lateral_conv)
+            weight_init.c2_xavier_fill(output_conv)
+            self.add_module(f"adapter_{idx + 1}", lateral_conv)
+            self.add_module(f"layer_{idx + 1}", output_conv)
+            lateral_convs.append(lateral_conv)
+            output_convs.append(output_conv)
+        # Top-down order (coarse to fine) for forward; plain lists: already registered above.
+        self.lateral_convs = lateral_convs[::-1]
+        self.output_convs = output_convs[::-1]
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict[str, Any]:
+        head = cfg.MODEL.SEM_SEG_HEAD
+        num_heads = cfg.MODEL.MASK_FORMER.NHEADS
+        if head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS != num_heads:
+            # The published implementation sizes the encoder with MASK_FORMER.NHEADS and its
+            # checkpoints depend on it; keep that behaviour but say so.
+            logger.warning(
+                "MSDeformAttnPixelDecoder uses MODEL.MASK_FORMER.NHEADS=%d heads, as published; "
+                "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS=%d is ignored",
+                num_heads,
+                head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
+            )
+        return {
+            "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
+            "conv_dim": head.CONVS_DIM,
+            "mask_dim": head.MASK_DIM,
+            "norm": head.NORM,
+            "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
+            "transformer_nheads": num_heads,
+            "transformer_dim_feedforward": ENCODER_DIM_FEEDFORWARD,
+            "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
+            "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
+            "common_stride": head.COMMON_STRIDE,
+            "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
+        }
+
+    def forward_features(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """
+        Args:
+            features: backbone maps by name, at least every name in ``in_features``.
+
+        Returns:
+            mask_features: (B, mask_dim, H / common_stride, W / common_stride).
+            encoder output of the coarsest level: (B, C, H_0, W_0).
+            multi_scale_features: the first three outputs, coarsest first (strides 32, 16, 8
+                with the default features), each (B, C, H_l, W_l).
+        """
+        any_feature = features[self.in_features[0]]
+        # Deformable attention and GroupNorm run in float32, as in the published decoder.
+        with torch.autocast(device_type=any_feature.device.type, enabled=False):
+            return self._forward_fp32(features)
+
+    def _forward_fp32(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        srcs, pos = [], []
+        for idx, name in enumerate(self.transformer_in_features[::-1]):  # coarsest first
+            x = features[name].float()
+            srcs.append(self.input_proj[idx](x))
+            pos.append(self.pe_layer(x))
+        memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)  # (B, S, C)
+
+        b = memory.shape[0]
+        sizes = spatial_shapes.tolist()
+        levels = torch.split(memory, [h * w for h, w in sizes], dim=1)
+        # (B, H_l*W_l, C) -> (B, C, H_l, W_l), a view with channels-last strides.
+        out = [z.transpose(1, 2).view(b, -1, h, w) for z, (h, w) in zip(levels, sizes)]
+
+        # Top-down FPN over the finer inputs (coarse to fine).
+        fine_names = self.in_features[: self.num_fpn_levels][::-1]
+        for name, lateral_conv, output_conv in zip(
+            fine_names, self.lateral_convs, self.output_convs
+        ):
+            lateral = lateral_conv(features[name].float())
+            up = F.interpolate(
+                out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
+            )
+            out.append(output_conv(lateral + up))
+
+        multi_scale_features = out[: self.maskformer_num_feature_levels]
+        return self.mask_features(out[-1]), out[0], multi_scale_features

@@ -1,0 +1,307 @@
+"""Single-image inference and visualisation for MaskFormer / Mask2Former models.
+
+``Predictor`` turns one BGR ``uint8`` image into the model's output dict, the way
+Detectron2's ``DefaultPredictor`` does, but checks its input. ``VisualizationDemo`` wraps a
+``Predictor`` and draws its output with Detectron2's visualizers, for one image or for the
+frames of an OpenCV video stream.
+
+Shapes: H/W original image size, K classes, N instances.
+"""
+
+import logging
+import math
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import Metadata, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
+
+from .checkpoint import MaskFormerCheckpointer
+
+__all__ = ["Predictor", "VisualizationDemo", "check_bgr_image", "filter_instances"]
+
+logger = logging.getLogger(__name__)
+
+_INPUT_FORMATS = ("BGR", "RGB")
+
+
+def check_bgr_image(image: Any) -> np.ndarray:
+    """Checks that ``image`` is what :class:`Predictor` accepts and returns it unchanged.
+
+    Args:
+        image: the candidate image.
+
+    Returns:
+        ``image``, an (H, W, 3) ``uint8`` array with H, W > 0.
+
+    Raises:
+        ValueError: if ``image`` is not an ndarray, has another shape or another dtype.
+    """
+    if not isinstance(image, np.ndarray):
+        raise ValueError(
+            f"expected a BGR image as a numpy array of shape (H, W, 3) and dtype uint8; "
+            f"got a {type(image).__name__}"
+        )
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(
+            f"expected a BGR image of shape (H, W, 3) with H, W > 0; got shape {image.shape}"
+        )
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a BGR image of dtype uint8; got dtype {image.dtype}")
+    return image
+
+
+def filter_instances(instances: Instances, threshold: float) -> Instances:
+    """Keeps the instances whose ``scores`` are at least ``threshold``.
+
+    Args:
+        instances: predictions with a ``scores`` field (other fields are kept as they are).
+        threshold: minimum score; a value above 1 keeps nothing.
+
+    Returns:
+        The kept instances, in their original order.
+    """
+    if not instances.has("scores"):
+        return instances
+    return instances[instances.scores >= threshold]
+
+
+def _metadata_for(cfg: CfgNode) -> Metadata:
+    """Metadata of the first test dataset, else of the first training dataset."""
+    names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
+    return MetadataCatalog.get(names[0]) if names else Metadata(name="__unnamed__")
+
+
+def _with_class_names(metadata: Metadata, num_classes: int) -> Metadata:
+    """Returns ``metadata``, or a copy with placeholder class names if it has none.
+
+    Detectron2's visualizers index ``thing_classes`` / ``stuff_classes`` by class id; a model
+    run without a registered dataset would otherwise fail while drawing.
+    """
+    if metadata.get("thing_classes") is not None and metadata.get("stuff_classes") is not None:
+        return metadata
+    names = [f"class_{i}" for i in range(num_classes)]
+    fields = {k: v for k, v in metadata.as_dict().items() if k != "name"}
+    fields.setdefault("thing_classes", names)
+    fields.setdefault("stuff_classes", names)
+    # A private object: registered metadata is shared and must not be modified here.
+    filled = Metadata(name=f"{metadata.name}+placeholder_classes")
+    filled.set(**fields)
+    return filled
+
+
+class Predictor:
+    """Runs a model built from ``cfg`` on one BGR image at a time.
+
+    Like Detectron2's ``DefaultPredictor``, it builds the model in eval mode, loads
+    ``MODEL.WEIGHTS`` with :class:`MaskFormerCheckpointer`, resizes the shortest edge to
+    ``INPUT.MIN_SIZE_TEST`` (longest at most ``INPUT.MAX_SIZE_TEST``; 0 disables resizing),
+    converts the channels to
+    ``INPUT.FORMAT`` and asks for outputs at the original size.
+
+    Attributes:
+        cfg: a frozen copy of the config.
+        model: the model, in eval mode.
+        metadata: metadata of ``DATASETS.TEST[0]`` (else ``DATASETS.TRAIN[0]``).
+        input_format: "BGR" or "RGB".
+
+    Example::
+
+        predictor = Predictor(cfg)
+        outputs = predictor(cv2.imread("input.jpg"))
+    """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        """
+        Args:
+            cfg: a full Detectron2 config with the MaskFormer keys.
+
+        Raises:
+            ValueError: if ``INPUT.FORMAT`` or the test sizes are not usable.
+        """
+        self.cfg = cfg.clone()
+        self.cfg.freeze()
+        self.input_format = self.cfg.INPUT.FORMAT
+        if self.input_format not in _INPUT_FORMATS:
+            raise ValueError(
+                f"INPUT.FORMAT must be one of {_INPUT_FORMATS}; got {self.input_format!r}"
+            )
+        min_size, max_size = self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST
+        if min_size < 0:
+            raise ValueError(f"INPUT.MIN_SIZE_TEST must be >= 0 (0: no resizing); got {min_size}")
+        # As in Detectron2, MIN_SIZE_TEST = 0 feeds images at their own size.
+        self.aug = T.ResizeShortestEdge([min_size, min_size], max_size) if min_size else None
+
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        self.metadata = _metadata_for(self.cfg)
+        if self.cfg.MODEL.WEIGHTS:
+            MaskFormerCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+        else:
+            logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
+
+    def __call__(self, original_image: np.ndarray) -> Dict[str, Any]:
+        """Predicts one image.
+
+        Args:
+            original_image: (H, W, 3) ``uint8`` array in BGR order (as from ``cv2.imread``).
+
+        Returns:
+            The model's output dict for this image, at H x W (``sem_seg``, ``panoptic_seg``
+            and/or ``instances``, as the config enables them).
+
+        Raises:
+            ValueError: if ``original_image`` is not an (H, W, 3) ``uint8`` array.
+        """
+        image = check_bgr_image(original_image)
+        if self.input_format == "RGB":
+            image = image[:, :, ::-1]
+        height, width = image.shape[:2]
+        resized = self.aug.get_transform(image).apply_image(image) if self.aug else image
+        # (H', W', 3) uint8 -> (3, H', W') float32, the layout the model expects.
+        tensor = torch.as_tensor(
+            np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32
+        )
+        inputs = {"image": tensor, "height": height, "width": width}
+        with torch.no_grad():
+            return self.model([inputs])[0]
+
+
+class VisualizationDemo:
+    """Draws a model's predictions on images and video frames.
+
+    One overlay is drawn per image, chosen from what the model outputs: the panoptic
+    segmentation if present, else the instances, else the semantic segmentation.
+
+    The confidence threshold applies to instance predictions only. Panoptic segments carry no
+    score and are drawn as the model produced them (their filtering is controlled by
+    ``MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD`` / ``OVERLAP_THRESHOLD``).
+    """
+
+    def __init__(
+        self,
+        cfg: CfgNode,
+        *,
+        confidence_threshold: float = 0.5,
+        instance_mode: ColorMode = ColorMode.IMAGE,
+        predictor: Optional[Predictor] = None,
+    ) -> None:
+        """
+        Args:
+            cfg: the model config (see :class:`Predictor`).
+            confidence_threshold: instances scoring below this are neither returned nor drawn.
+            instance_mode: Detectron2 colour mode of the overlay.
+            predictor: an existing predictor to reuse; built from ``cfg`` when None.
+
+        Raises:
+            ValueError: if ``confidence_threshold`` is NaN.
+        """
+        if math.isnan(confidence_threshold):
+            raise ValueError("confidence_threshold must be a number; got nan")
+        self.confidence_threshold = float(confidence_threshold)
+        self.instance_mode = instance_mode
+        self.predictor = predictor if predictor is not None else Predictor(cfg)
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        self.metadata = _with_class_names(self.predictor.metadata, num_classes)
+        self.cpu = torch.device("cpu")
+
+    def predict(self, image: np.ndarray) -> Dict[str, Any]:
+        """Runs the predictor and brings its outputs to the CPU.
+
+        Args:
+            image: (H, W, 3) ``uint8`` BGR image.
+
+        Returns:
+            The model's outputs with tensors on the CPU; ``instances`` only holds those scoring
+            at least ``confidence_threshold``.
+        """
+        outputs = dict(self.predictor(image))
+        if "instances" in outputs:
+            instances = outputs["instances"].to(self.cpu)
+            outputs["instances"] = filter_instances(instances, self.confidence_threshold)
+        if "panoptic_seg" in outputs:
+            panoptic_seg, segments_info = outputs["panoptic_seg"]
+            outputs["panoptic_seg"] = (panoptic_seg.to(self.cpu), segments_info)
+        if "sem_seg" in outputs:
+            outputs["sem_seg"] = outputs["sem_seg"].to(self.cpu)
+        return outputs
+
+    def run_on_image(self, image: np.ndarray) -> Tuple[Dict[str, Any], VisImage]:
+        """Predicts one image and draws the result.
+
+        Args:
+            image: (H, W, 3) ``uint8`` BGR image.
+
+        Returns:
+            ``(predictions, vis)``: the CPU predictions of :meth:`predict` and the overlay, a
+            ``VisImage`` of size H x W (``vis.get_image()`` is RGB).
+        """
+        predictions = self.predict(image)
+        visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
+        if "panoptic_seg" in predictions:
+            panoptic_seg, segments_info = predictions["panoptic_seg"]
+            vis = visualizer.draw_panoptic_seg(panoptic_seg, segments_info)
+        elif "instances" in predictions:
+            vis = visualizer.draw_instance_predictions(predictions["instances"])
+        elif "sem_seg" in predictions:
+            # (K, H, W) probabilities -> (H, W) class ids.
+            vis = visualizer.draw_sem_seg(predictions["sem_seg"].argmax(dim=0))
+        else:
+            logger.warning("the model returned none of panoptic_seg/instances/sem_seg")
+            vis = visualizer.output
+        return predictions, vis
+
+    def run_on_video(self, video: cv2.VideoCapture) -> Iterator[np.ndarray]:
+        """Predicts and draws the frames of a video stream, one at a time.
+
+        Frames are read lazily, so memory use does not grow with the length of the clip.
+        Instance colours are kept stable across frames by Detectron2's ``VideoVisualizer``.
+
+        Args:
+            video: an opened ``cv2.VideoCapture``; it is read until it yields no frame and is
+                not released here.
+
+        Returns:
+            A lazy iterator over the visualised frames, each an (H, W, 3) ``uint8`` BGR array
+            of the frame's size.
+
+        Raises:
+            ValueError: if ``instance_mode`` is not one ``VideoVisualizer`` supports.
+        """
+        if self.instance_mode not in (ColorMode.IMAGE, ColorMode.IMAGE_BW):
+            raise ValueError(
+                f"run_on_video supports ColorMode.IMAGE and IMAGE_BW; got {self.instance_mode}"
+            )
+        # The check above runs at call time; the frames are produced by a separate generator.
+        return self._iter_frames(video, VideoVisualizer(self.metadata, self.instance_mode))
+
+    def _iter_frames(
+        self, video: cv2.VideoCapture, video_visualizer: VideoVisualizer
+    ) -> Iterator[np.ndarray]:
+        while True:
+            ok, frame = video.read()
+            if not ok:
+                return
+            yield self._draw_frame(video_visualizer, frame)
+
+    def _draw_frame(self, video_visualizer: VideoVisualizer, frame: np.ndarray) -> np.ndarray:
+        predictions = self.predict(frame)
+        rgb = frame[:, :, ::-1]
+        if "panoptic_seg" in predictions:
+            panoptic_seg, segments_info = predictions["panoptic_seg"]
+            vis = video_visualizer.draw_panoptic_seg_predictions(rgb, panoptic_seg, segments_info)
+        elif "instances" in predictions:
+            vis = video_visualizer.draw_instance_predictions(rgb, predictions["instances"])
+        elif "sem_seg" in predictions:
+            # (K, H, W) probabilities -> (H, W) class ids.
+            vis = video_visualizer.draw_sem_seg(rgb, predictions["sem_seg"].argmax(dim=0))
+        else:
+            return frame
+        return cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)
