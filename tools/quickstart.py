@@ -39,7 +39,7 @@ def quickstart_cfg(output: str, iters: int, extra=()):
         "SOLVER.STEPS", (int(iters * 0.85),),
         "SOLVER.CHECKPOINT_PERIOD", max(iters // 2, 1),
         "OUTPUT_DIR", os.path.join(output, "train"),
-        "INPUT.IMAGE_SIZE", 224,
+        "INPUT.IMAGE_SIZE", 160,
         "INPUT.MIN_SCALE", 0.6,
         "INPUT.MAX_SCALE", 1.6,
         "INPUT.MIN_SIZE_TEST", 160,

@@ -1,0 +1,163 @@
+"""Inference speed and memory of a Mask2Former model, stage by stage.
+
+Default: the R50 COCO panoptic Mask2Former (semantic + instance + panoptic outputs), one
+800x1333 image, float32, 2 CPU threads, random weights (timings do not depend on the values,
+except post-processing through the number of kept queries: the class head is biased so that
+every query is kept, the slowest case). Each setting runs in its own subprocess so that peak
+RSS is that of one model.
+
+Prints a table: seconds per image for backbone, pixel decoder, transformer decoder,
+post-processing and total; peak RSS; parameters and GFLOPs (fvcore). With a GPU, also GPU fp32
+and fp16 (autocast).
+
+    python benchmarks/bench_inference.py [--config FILE] [--size 800 1333] [--threads 2] [--repeat 3]
+
+Reference (published implementation, same setting, measured on this project's 2-core machine and
+stated in the model issue): 11.5 s/image, peak RSS 4.2 GB; backbone 1.1 s, pixel decoder 5.0 s,
+transformer decoder 1.3 s, post-processing 4.5 s.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(
+    ROOT, "configs", "coco", "panoptic-segmentation", "maskformer2_R50_bs16_50ep.yaml"
+)
+PUBLISHED = {"backbone": 1.1, "pixel_decoder": 5.0, "transformer_decoder": 1.3,
+             "postprocess": 4.5, "total": 11.5, "peak_rss_gb": 4.2}
+
+
+def _measure(args) -> dict:
+    import torch
+    from detectron2.modeling import build_model
+
+    from mask2former_d2 import get_maskformer_cfg
+
+    torch.set_num_threads(args.threads)
+    cfg = get_maskformer_cfg(args.config, ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # every query kept by panoptic inference: the slowest post-processing
+        bias = model.sem_seg_head.predictor.class_embed.bias
+        bias[-1] = -10.0
+    h, w = args.size
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8).float()
+    inputs = [{"image": image, "height": h, "width": w}]
+
+    times = defaultdict(float)
+    starts = {}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def timed(name, module):
+        def pre(*_):
+            sync()
+            starts[name] = time.perf_counter()
+
+        def post(*_):
+            sync()
+            times[name] += time.perf_counter() - starts[name]
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    timed("backbone", model.backbone)
+    timed("pixel_decoder", model.sem_seg_head.pixel_decoder)
+    timed("transformer_decoder", model.sem_seg_head.predictor)
+    autocast = torch.autocast(args.device, dtype=torch.float16, enabled=args.half)
+    with torch.no_grad(), autocast:
+        model(inputs)  # warm-up
+        times.clear()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            model(inputs)
+        sync()
+        total = (time.perf_counter() - t0) / args.repeat
+    out = {k: v / args.repeat for k, v in times.items()}
+    out["total"] = total
+    out["postprocess"] = total - sum(out[k] for k in ("backbone", "pixel_decoder", "transformer_decoder"))
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    if args.device == "cuda":
+        out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+    if args.flops:
+        from fvcore.nn import FlopCountAnalysis
+
+        model.sem_seg_head.predictor  # count the whole forward, post-processing excluded
+        flops = FlopCountAnalysis(_Forward(model), (image.unsqueeze(0),))
+        flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        out["gflops"] = flops.total() / 1e9
+        out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return out
+
+
+class _Forward:
+    """Backbone + head on a normalised, padded batch (what fvcore can trace)."""
+
+    def __new__(cls, model):
+        import torch
+
+        class F(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = model
+
+            def forward(self, x):
+                x = (x - self.m.pixel_mean) / self.m.pixel_std
+                out = self.m.sem_seg_head(self.m.backbone(x))
+                return out["pred_logits"], out["pred_masks"]
+
+        return F()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=DEFAULT_CONFIG)
+    ap.add_argument("--size", type=int, nargs=2, default=[800, 1333])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--half", action="store_true")
+    ap.add_argument("--flops", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_measure(args)))
+        return
+
+    import torch
+
+    settings = [("cpu fp32", ["--device", "cpu", "--flops"])]
+    if torch.cuda.is_available():
+        settings += [("cuda fp32", ["--device", "cuda"]), ("cuda fp16", ["--device", "cuda", "--half"])]
+    rows = []
+    for name, extra in settings:
+        cmd = [sys.executable, __file__, "--child", "--config", args.config, "--size", *map(str, args.size),
+               "--threads", str(args.threads), "--repeat", str(args.repeat), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{name}: benchmark failed:\n{proc.stderr[-3000:]}")
+        rows.append((name, json.loads(proc.stdout.strip().splitlines()[-1])))
+
+    cols = ["backbone", "pixel_decoder", "transformer_decoder", "postprocess", "total", "peak_rss_gb"]
+    print(f"\n{os.path.relpath(args.config, ROOT)}, {args.size[0]}x{args.size[1]}, "
+          f"{args.threads} threads, seconds per image\n")
+    print(f"| setting | {' | '.join(cols)} |")
+    print("|" + "---|" * (len(cols) + 1))
+    print(f"| published (cpu fp32, stated) | {' | '.join(f'{PUBLISHED[c]:.2f}' for c in cols)} |")
+    for name, r in rows:
+        print(f"| mask2former_d2 ({name}) | {' | '.join(f'{r[c]:.2f}' for c in cols)} |")
+    cpu = rows[0][1]
+    print(f"\ncpu fp32: {cpu['total'] / PUBLISHED['total'] * 100:.0f}% of the published time, "
+          f"peak RSS {cpu['peak_rss_gb']:.2f} GB vs {PUBLISHED['peak_rss_gb']} GB; "
+          f"{cpu['params_m']:.1f} M parameters, {cpu['gflops']:.0f} GFLOPs (fvcore, forward without "
+          "post-processing)")
+
+
+if __name__ == "__main__":
+    main()
