@@ -42,9 +42,8 @@ def toy_metadata() -> Dict:
         "thing_dataset_id_to_contiguous_id": {
             c["id"]: i for i, c in enumerate(TOY_CATEGORIES) if c["isthing"]
         },
-        "stuff_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(TOY_CATEGORIES) if not c["isthing"]
-        },
+        # Every class, things included: the semantic evaluator scores them all.
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(TOY_CATEGORIES)},
     }
 
 
@@ -146,7 +145,7 @@ def _load_split(root: str, split: str) -> List[Dict]:
     with open(os.path.join(root, f"panoptic_{split}.json")) as f:
         data = json.load(f)
     meta = toy_metadata()
-    things, stuff = meta["thing_dataset_id_to_contiguous_id"], meta["stuff_dataset_id_to_contiguous_id"]
+    things, every = meta["thing_dataset_id_to_contiguous_id"], meta["stuff_dataset_id_to_contiguous_id"]
     images = {im["id"]: im for im in data["images"]}
     records = []
     for ann in data["annotations"]:
@@ -155,7 +154,7 @@ def _load_split(root: str, split: str) -> List[Dict]:
         for s in ann["segments_info"]:
             s = dict(s)
             s["isthing"] = s["category_id"] in things
-            s["category_id"] = (things if s["isthing"] else stuff)[s["category_id"]]
+            s["category_id"] = every[s["category_id"]]
             segments.append(s)
         stem = os.path.splitext(im["file_name"])[0]
         records.append({
@@ -170,15 +169,24 @@ def _load_split(root: str, split: str) -> List[Dict]:
     return records
 
 
+def _generate_and_load(root: str, split: str) -> List[Dict]:
+    make_toy_panoptic_dataset(root)  # no-op when already written
+    return _load_split(root, split)
+
+
 def register_toy_panoptic(root: str, prefix: str = "toy_panoptic") -> List[str]:
-    """Registers ``<prefix>_train`` and ``<prefix>_val`` (idempotent). Returns the names."""
+    """Registers ``<prefix>_train`` and ``<prefix>_val`` (idempotent). Returns the names.
+
+    The files are generated under ``root`` the first time the dataset is loaded, so the names
+    work in any command (``train_net.py ... DATASETS.TRAIN "('toy_panoptic_train',)"``).
+    """
     names = []
     for split in ("train", "val"):
         name = f"{prefix}_{split}"
         names.append(name)
         if name in DatasetCatalog.list():
             continue
-        DatasetCatalog.register(name, lambda r=root, s=split: _load_split(r, s))
+        DatasetCatalog.register(name, lambda r=root, s=split: _generate_and_load(r, s))
         MetadataCatalog.get(name).set(
             image_root=os.path.join(root, "images", split),
             panoptic_root=os.path.join(root, "panoptic", split),

@@ -5,11 +5,14 @@ is already registered is left alone), so importing this module twice is harmless
 needs nothing here: Detectron2's built-in ``cityscapes_fine_*`` sets are used as they are.
 """
 
+import os
+
 from .ade20k import register_all_ade20k
 from .ade20k_full import register_all_ade20k_full
 from .coco import register_all_coco
 from .mapillary_vistas import register_all_mapillary_vistas
 from .utils import datasets_root
+from ..toy import register_toy_panoptic
 
 __all__ = ["register_all"]
 
@@ -20,6 +23,8 @@ def register_all(root: str) -> None:
     register_all_ade20k(root)
     register_all_ade20k_full(root)
     register_all_mapillary_vistas(root)
+    # Generated on first use: a dataset every command can train and evaluate on offline.
+    register_toy_panoptic(os.path.join(root, "toy_panoptic"))
 
 
 register_all(datasets_root())
