@@ -23,6 +23,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["MaskFormer"]
 
 
+def _resize_output(x: Tensor, image_size: Tuple[int, int], height: int, width: int) -> Tensor:
+    """(C, Hp, Wp) maps of the padded batch -> (C, height, width): crop the image's own area,
+    then resize bilinearly — skipped when the size already matches, since a same-size bilinear
+    resize returns its input unchanged."""
+    x = x[:, : image_size[0], : image_size[1]]
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    return sem_seg_postprocess(x, image_size, height, width)
+
+
 def _thing_ids(metadata: Any) -> Tuple[int, ...]:
     mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
     return tuple(sorted(int(v) for v in mapping.values())) if mapping else ()
@@ -209,12 +219,14 @@ class MaskFormer(nn.Module):
         width = inputs.get("width", image_size[1])
         result: Dict[str, Any] = {}
         if self.sem_seg_postprocess_before_inference:
-            mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
+            mask_pred = retry_if_cuda_oom(_resize_output)(mask_pred, image_size, height, width)
             mask_cls = mask_cls.to(mask_pred)
+        # One sigmoid of the full-resolution masks serves all three outputs.
+        mask_prob = mask_pred.sigmoid()
         if self.semantic_on:
-            sem_seg = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
+            sem_seg = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred, mask_prob=mask_prob)
             if not self.sem_seg_postprocess_before_inference:
-                sem_seg = retry_if_cuda_oom(sem_seg_postprocess)(sem_seg, image_size, height, width)
+                sem_seg = retry_if_cuda_oom(_resize_output)(sem_seg, image_size, height, width)
             result["sem_seg"] = sem_seg
         num_classes = self.sem_seg_head.num_classes
         if self.panoptic_on:
@@ -225,6 +237,7 @@ class MaskFormer(nn.Module):
                 thing_ids=self.thing_ids,
                 object_mask_threshold=self.object_mask_threshold,
                 overlap_threshold=self.overlap_threshold,
+                mask_prob=mask_prob,
             )
         if self.instance_on:
             result["instances"] = retry_if_cuda_oom(instance_inference)(
@@ -234,6 +247,7 @@ class MaskFormer(nn.Module):
                 topk=self.test_topk_per_image,
                 thing_ids=self.thing_ids,
                 things_only=self.panoptic_on,
+                mask_prob=mask_prob,
             )
         return result
 

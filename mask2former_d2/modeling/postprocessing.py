@@ -5,7 +5,7 @@ output resolution. ``mask_cls`` are class logits (Q, K+1); ``mask_pred`` are mas
 (Q, H, W). Every step is a tensor operation over all queries at once; the only Python loop
 runs over the few kept panoptic segments, on values already moved to the host.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.structures import Boxes, Instances
@@ -15,18 +15,22 @@ from torch.nn import functional as F
 __all__ = ["semantic_inference", "panoptic_inference", "instance_inference", "masks_to_boxes"]
 
 
-def semantic_inference(mask_cls: Tensor, mask_pred: Tensor) -> Tensor:
+def semantic_inference(
+    mask_cls: Tensor, mask_pred: Tensor, *, mask_prob: Optional[Tensor] = None
+) -> Tensor:
     """Per-pixel class probabilities ``sum_q p_q(c) * sigmoid(m_q)``.
 
     Args:
         mask_cls: (Q, K+1) class logits.
         mask_pred: (Q, H, W) mask logits.
+        mask_prob: ``mask_pred.sigmoid()`` if the caller already has it.
 
     Returns:
         (K, H, W) probabilities (not logits).
     """
     cls_prob = F.softmax(mask_cls, dim=-1)[:, :-1]  # (Q, K)
-    mask_prob = mask_pred.sigmoid()
+    if mask_prob is None:
+        mask_prob = mask_pred.sigmoid()
     return torch.einsum("qk,qhw->khw", cls_prob, mask_prob)
 
 
@@ -38,6 +42,7 @@ def panoptic_inference(
     thing_ids: Sequence[int],
     object_mask_threshold: float,
     overlap_threshold: float,
+    mask_prob: Optional[Tensor] = None,
 ) -> Tuple[Tensor, List[Dict]]:
     """Panoptic segmentation as in Mask2Former.
 
@@ -53,6 +58,7 @@ def panoptic_inference(
         num_classes: K; label K is no-object.
         thing_ids: contiguous ids of thing classes.
         object_mask_threshold, overlap_threshold: as in the config.
+        mask_prob: ``mask_pred.sigmoid()`` if the caller already has it.
 
     Returns:
         ``panoptic_seg`` (H, W) int32 with segment ids from 1 (0 = void) and
@@ -67,7 +73,10 @@ def panoptic_inference(
 
     cur_scores = scores[keep]
     cur_classes = labels[keep]
-    cur_prob = mask_pred[keep].sigmoid()  # (N, H, W)
+    if mask_prob is None:
+        cur_prob = mask_pred[keep].sigmoid()  # (N, H, W)
+    else:
+        cur_prob = mask_prob if bool(keep.all()) else mask_prob[keep]
     n = cur_prob.shape[0]
 
     winner = (cur_scores.view(-1, 1, 1) * cur_prob).argmax(0)  # (H, W) index of the winning query
@@ -104,13 +113,16 @@ def panoptic_inference(
 def masks_to_boxes(masks: Tensor) -> Tensor:
     """Tight XYXY boxes of binary masks (N, H, W); an empty mask gives a zero box. Returns (N, 4)
     float32 in pixel coordinates with exclusive right/bottom edges, as Detectron2's BitMasks."""
-    n, h, w = masks.shape
+    return _boxes_from_projections(masks.any(2), masks.any(1))
+
+
+def _boxes_from_projections(rows: Tensor, cols: Tensor) -> Tensor:
+    """Boxes from which rows (N, H) and columns (N, W) of each mask hold pixels."""
+    n, h, w = rows.shape[0], rows.shape[1], cols.shape[1]
     if n == 0:
-        return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    rows = masks.any(2)  # (N, H)
-    cols = masks.any(1)  # (N, W)
-    ys = torch.arange(h, device=masks.device)
-    xs = torch.arange(w, device=masks.device)
+        return torch.zeros((0, 4), dtype=torch.float32, device=rows.device)
+    ys = torch.arange(h, device=rows.device)
+    xs = torch.arange(w, device=rows.device)
     big = max(h, w)
     y0 = torch.where(rows, ys, big).amin(1)
     y1 = torch.where(rows, ys, -1).amax(1) + 1
@@ -128,6 +140,7 @@ def instance_inference(
     topk: int,
     thing_ids: Sequence[int] = (),
     things_only: bool = False,
+    mask_prob: Optional[Tensor] = None,
 ) -> Instances:
     """Instance segmentation: the top-k (query, class) pairs by class probability.
 
@@ -138,6 +151,7 @@ def instance_inference(
         topk: detections kept per image (``TEST.DETECTIONS_PER_IMAGE``).
         thing_ids: contiguous ids of thing classes, used with ``things_only``.
         things_only: keep only thing classes (panoptic models).
+        mask_prob: ``mask_pred.sigmoid()`` if the caller already has it.
 
     Returns:
         Instances with ``pred_masks`` (N, H, W) bool (logit > 0), ``pred_boxes`` from the masks,
@@ -157,11 +171,14 @@ def instance_inference(
     # Mask statistics depend only on the query: compute them for the queries used, once each.
     used, inverse = torch.unique(query, return_inverse=True)
     logits = mask_pred[used]  # (U, H, W)
+    prob = logits.sigmoid() if mask_prob is None else mask_prob[used]
     binary = logits > 0
     area = binary.flatten(1).sum(1)
-    inside = (logits.sigmoid() * binary).flatten(1).sum(1)
+    inside = torch.where(binary, prob, 0.0).flatten(1).sum(1)
     mask_score = inside / (area + 1e-6)  # (U,)
-    boxes = masks_to_boxes(binary)
+    # A row/column holds mask pixels iff its largest logit is > 0: reductions of the float
+    # logits are much faster than of the boolean mask.
+    boxes = _boxes_from_projections(logits.amax(2) > 0, logits.amax(1) > 0)
 
     scores = top_scores * mask_score[inverse]
     order = scores.argsort(descending=True)

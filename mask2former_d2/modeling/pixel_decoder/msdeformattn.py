@@ -92,7 +92,7 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -437,8 +437,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
         b = memory.shape[0]
         sizes = spatial_shapes.tolist()
         levels = torch.split(memory, [h * w for h, w in sizes], dim=1)
-        # (B, H_l*W_l, C) -> (B, C, H_l, W_l), a view with channels-last strides.
-        out = [z.transpose(1, 2).view(b, -1, h, w) for z, (h, w) in zip(levels, sizes)]
+        # (B, H_l*W_l, C) -> (B, C, H_l, W_l). Made contiguous here, at the encoder's small
+        # resolutions: channels-last views would make the upsampled FPN map channels-last too,
+        # and converting that large map costs far more.
+        out = [
+            z.transpose(1, 2).reshape(b, -1, h, w).contiguous() for z, (h, w) in zip(levels, sizes)
+        ]
 
         # Top-down FPN over the finer inputs (coarse to fine).
         fine_names = self.in_features[: self.num_fpn_levels][::-1]
