@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["MaskFormerCheckpointer"]
 
 # Tensors whose shape depends only on the number of classes.
-_CLASS_DEPENDENT = ("predictor.class_embed.", "criterion.empty_weight")
-_HEAD_PREFIXES = ("sem_seg_head.", "criterion.")
+CLASS_DEPENDENT = ("predictor.class_embed.", "criterion.empty_weight")
+HEAD_PREFIXES = ("sem_seg_head.", "criterion.")
 
 
 def _examples(keys: List[str], n: int = 5) -> str:
@@ -48,7 +48,7 @@ class MaskFormerCheckpointer(DetectionCheckpointer):
         bad_shapes = [
             (k, tuple(a), tuple(b))
             for k, a, b in incompatible.incorrect_shapes
-            if not any(p in k for p in _CLASS_DEPENDENT)
+            if not any(p in k for p in CLASS_DEPENDENT)
         ]
         if bad_shapes:
             problems.append(
@@ -63,9 +63,9 @@ class MaskFormerCheckpointer(DetectionCheckpointer):
             missing = [
                 k
                 for k in incompatible.missing_keys
-                if k.startswith(_HEAD_PREFIXES) and k not in skipped
+                if k.startswith(HEAD_PREFIXES) and k not in skipped
             ]
-            unexpected = [k for k in incompatible.unexpected_keys if k.startswith(_HEAD_PREFIXES)]
+            unexpected = [k for k in incompatible.unexpected_keys if k.startswith(HEAD_PREFIXES)]
             if missing:
                 problems.append(f"{len(missing)} head keys missing from it: {_examples(missing)}")
             if unexpected:

@@ -150,7 +150,9 @@ def infer_resnet_depth(state_dict: Mapping[str, Any]) -> Optional[int]:
     """
     blocks = []
     for stage in range(1, 5):
-        ids = {int(m[1]) for m in map(re.compile(rf"^layer{stage}\.(\d+)\.").match, state_dict) if m}
+        ids = {
+            int(m[1]) for m in map(re.compile(rf"^layer{stage}\.(\d+)\.").match, state_dict) if m
+        }
         blocks.append(max(ids) + 1 if ids else 0)
     kind = "bottleneck" if any(k.endswith(".conv3.weight") for k in state_dict) else "basic"
     return _BLOCKS_PER_STAGE.get(tuple(blocks), {}).get(kind)
