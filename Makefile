@@ -10,4 +10,4 @@ quickstart: setup
 	$(PY) tools/quickstart.py --output output/quickstart
 
 test: setup
-	$(PY) -m pytest tests -q -ra
+	M2F_SLOW=1 $(PY) -m pytest tests -q -ra --durations=10

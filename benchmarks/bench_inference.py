@@ -51,24 +51,25 @@ def _measure(args) -> dict:
     inputs = [{"image": image, "height": h, "width": w}]
 
     times = defaultdict(float)
-    starts = {}
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
-    def timed(name, module):
-        def pre(*_):
+    def timed(name, obj, method):
+        inner = getattr(obj, method)
+
+        def wrapper(*a, **k):
             sync()
-            starts[name] = time.perf_counter()
-
-        def post(*_):
+            t = time.perf_counter()
+            out = inner(*a, **k)
             sync()
-            times[name] += time.perf_counter() - starts[name]
+            times[name] += time.perf_counter() - t
+            return out
 
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
+        setattr(obj, method, wrapper)  # instance attribute: shadows the bound method
 
-    timed("backbone", model.backbone)
-    timed("pixel_decoder", model.sem_seg_head.pixel_decoder)
-    timed("transformer_decoder", model.sem_seg_head.predictor)
+    timed("backbone", model.backbone, "forward")
+    # The head calls the pixel decoder's forward_features, not its forward.
+    timed("pixel_decoder", model.sem_seg_head.pixel_decoder, "forward_features")
+    timed("transformer_decoder", model.sem_seg_head.predictor, "forward")
     autocast = torch.autocast(args.device, dtype=torch.float16, enabled=args.half)
     with torch.no_grad(), autocast:
         model(inputs)  # warm-up
