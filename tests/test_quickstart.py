@@ -1,0 +1,43 @@
+"""The README's first command, shortened: tools/quickstart.py end to end with few iterations."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import cv2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TestQuickstart(unittest.TestCase):
+    def test_generate_train_evaluate_demo(self):
+        with tempfile.TemporaryDirectory() as out:
+            proc = subprocess.run(
+                [sys.executable, os.path.join(ROOT, "tools", "quickstart.py"), "--output", out,
+                 "--iters", "6", "SOLVER.IMS_PER_BATCH", "2"],
+                cwd=ROOT, capture_output=True, text=True, timeout=900,
+            )
+            self.assertEqual(proc.returncode, 0, (proc.stdout + proc.stderr)[-4000:])
+            self.assertIn("== quick-start results", proc.stdout)
+            with open(os.path.join(out, "summary.json")) as f:
+                summary = json.load(f)
+            # The real evaluators ran: PQ, mask AP and mIoU are numbers in [0, 100].
+            for key in ("PQ", "mask AP", "mIoU"):
+                self.assertIsInstance(summary[key], float, key)
+                self.assertTrue(0.0 <= summary[key] <= 100.0, (key, summary[key]))
+            # The dataset is in the COCO panoptic layout.
+            toy = os.path.join(out, "toy_dataset")
+            for path in ("panoptic_train.json", "panoptic_val.json", "instances_val.json"):
+                self.assertTrue(os.path.isfile(os.path.join(toy, path)), path)
+            # The demo picture decodes and has the input's size.
+            image = cv2.imread(summary["demo_image"])
+            source = cv2.imread(os.path.join(toy, "images", "val", "val_00001.jpg"))
+            self.assertIsNotNone(image)
+            self.assertEqual(image.shape, source.shape)
+            self.assertTrue(os.path.isfile(os.path.join(out, "train", "model_final.pth")))
+
+
+if __name__ == "__main__":
+    unittest.main()
