@@ -11,9 +11,11 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, launch
+from detectron2.engine import create_ddp_model, default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.projects.deeplab import build_lr_scheduler
+from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import mask2former_d2  # noqa: F401  (registers models and datasets)
@@ -29,15 +31,27 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with the MaskFormer data mappers, optimizer, schedule and evaluators."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        # Same checkpointables as Detectron2's, but a checkpoint of another architecture is an
-        # error rather than a half-loaded model.
+        # DefaultTrainer.__init__ with two changes: the strict checkpointer, and on CPU no
+        # ``device_ids`` for DistributedDataParallel (Detectron2 passes the local rank, which DDP
+        # rejects for a CPU model, so ``--num-gpus 2 MODEL.DEVICE cpu`` could not start).
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        ddp_kwargs = {"device_ids": None} if on_cpu else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        loop = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = loop(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = MaskFormerCheckpointer(
-            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        for h in self._hooks:
-            if isinstance(h, hooks.PeriodicCheckpointer):
-                h.checkpointer = self.checkpointer
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -76,6 +90,10 @@ def setup(args):
     if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    procs = comm.get_local_size()
+    if cfg.MODEL.DEVICE == "cpu" and procs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Share the cores between the processes: oversubscribed threads made training ~10x slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=dist.get_rank() if dist.is_initialized() else 0,
                  name="mask2former_d2")
@@ -101,15 +119,15 @@ def main(args):
 
 
 def _main_then_shutdown(args):
-    """Runs ``main`` and, in a multi-process run, leaves the process group cleanly: every worker
-    waits for the others, then the group is destroyed (a worker that exits with the group
-    alive can abort at interpreter shutdown with gloo)."""
-    try:
-        return main(args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    """Runs ``main``; in a multi-process run every worker then waits for the others and destroys
+    the process group (a gloo worker that exits with the group alive can abort at interpreter
+    shutdown). On an exception the group is left alone: waiting in a barrier would hang, and
+    the launcher stops the other workers."""
+    result = main(args)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":

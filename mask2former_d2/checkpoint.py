@@ -10,9 +10,15 @@ Two cases stay allowed, as Detectron2 users expect:
 * fine-tuning to another number of classes: only the class-dependent tensors
   (``class_embed``, ``criterion.empty_weight``) differ in shape; they are re-initialised with a
   warning.
+
+Resuming (``resume_or_load(..., resume=True)``) also survives a checkpoint that cannot be read:
+fvcore writes checkpoints in place, not atomically, so a crash while saving (or a file system
+that lost unflushed data) can leave the file ``last_checkpoint`` names truncated. The newest
+other checkpoint in the directory that loads is used instead, with a warning naming the bad file.
 """
 import logging
-from typing import Any, Dict, List
+import os
+from typing import Any, Dict, List, Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
 
@@ -37,6 +43,50 @@ class MaskFormerCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._loading = filename
         return super()._load_file(filename)
+
+    def _torch_load(self, filename: str) -> Dict[str, Any]:
+        # A file already read by ``get_checkpoint_file`` to check it is not read a second time.
+        verified, self._verified = getattr(self, "_verified", None), None
+        if verified is not None and verified[0] == filename:
+            return verified[1]
+        return super()._torch_load(filename)
+
+    def _try_read(self, filename: str) -> Optional[Exception]:
+        """Reads ``filename`` (kept for the ``load`` that follows); returns the error, if any."""
+        try:
+            self._verified = (filename, super()._torch_load(filename))
+        except Exception as e:  # torch.load raises RuntimeError, EOFError or pickle errors
+            return e
+        return None
+
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint to resume from: the one ``last_checkpoint`` names or, when that file
+        cannot be read (or ``last_checkpoint`` is empty), the newest other ``.pth`` file of
+        ``save_dir`` that can.
+
+        Raises:
+            RuntimeError: when the named checkpoint and every other one are unreadable.
+        """
+        named = super().get_checkpoint_file()
+        if not named or not (os.path.isfile(named) or os.path.isdir(named)):
+            return named  # nothing, or a file only the main worker sees: Detectron2 handles it
+        error = self._try_read(named) if os.path.isfile(named) else "last_checkpoint is empty"
+        if error is None:
+            return named
+        others = [f for f in self.get_all_checkpoint_files() if f != named]
+        for candidate in sorted(others, key=os.path.getmtime, reverse=True):
+            if self._try_read(candidate) is None:
+                logger.warning(
+                    "Cannot read the last checkpoint %s (%s); resuming from %s instead.",
+                    named,
+                    error,
+                    candidate,
+                )
+                return candidate
+        raise RuntimeError(
+            f"Cannot resume: the last checkpoint {named} is unreadable ({error}) and no other "
+            f"checkpoint in {self.save_dir} can be read."
+        )
 
     def _load_model(self, checkpoint: Dict[str, Any]) -> Any:
         ckpt_keys = list(checkpoint["model"].keys())

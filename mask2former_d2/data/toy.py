@@ -88,6 +88,22 @@ def _scene(rng: np.random.Generator, h: int, w: int):
     return np.clip(img, 0, 255).astype(np.uint8), segments
 
 
+def _atomic_write(path: str, write) -> None:
+    """Writes through a temporary file in the same folder, then renames it into place, so that
+    a concurrent reader (another worker generating the same files) never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_json(path: str, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+
+    _atomic_write(path, write)
+
+
 def make_toy_panoptic_dataset(
     root: str, *, splits: Dict[str, int] = None, height: int = 160, width: int = 224, seed: int = 0
 ) -> str:
@@ -108,7 +124,10 @@ def make_toy_panoptic_dataset(
             image_id = i + 1
             name = f"{split}_{image_id:05d}"
             img, segments = _scene(rng, height, width)
-            Image.fromarray(img).save(os.path.join(root, "images", split, name + ".jpg"), quality=95)
+            _atomic_write(
+                os.path.join(root, "images", split, name + ".jpg"),
+                lambda t, a=img: Image.fromarray(a).save(t, quality=95),
+            )
             pan = np.zeros((height, width, 3), dtype=np.uint8)
             sem = np.full((height, width), 255, dtype=np.uint8)
             infos = []
@@ -126,18 +145,25 @@ def make_toy_panoptic_dataset(
                     instances.append({"id": len(instances) + 1, "image_id": image_id,
                                       "category_id": cat["id"], "segmentation": rle,
                                       "area": int(m.sum()), "bbox": bbox, "iscrowd": 0})
-            Image.fromarray(pan).save(os.path.join(root, "panoptic", split, name + ".png"))
-            Image.fromarray(sem).save(os.path.join(root, "sem_seg", split, name + ".png"))
+            _atomic_write(
+                os.path.join(root, "panoptic", split, name + ".png"),
+                lambda t, a=pan: Image.fromarray(a).save(t),
+            )
+            _atomic_write(
+                os.path.join(root, "sem_seg", split, name + ".png"),
+                lambda t, a=sem: Image.fromarray(a).save(t),
+            )
             images.append({"id": image_id, "file_name": name + ".jpg", "height": height, "width": width})
             annotations.append({"image_id": image_id, "file_name": name + ".png", "segments_info": infos})
         cats = [{k: c[k] for k in ("id", "name", "isthing", "color")} | {"supercategory": "toy"}
                 for c in TOY_CATEGORIES]
-        with open(os.path.join(root, f"instances_{split}.json"), "w") as f:
-            json.dump({"images": images, "annotations": instances,
-                       "categories": [c for c in cats if c["isthing"]]}, f)
+        _save_json(
+            os.path.join(root, f"instances_{split}.json"),
+            {"images": images, "annotations": instances,
+             "categories": [c for c in cats if c["isthing"]]},
+        )
         # Written last: its presence marks the split as complete.
-        with open(pan_json, "w") as f:
-            json.dump({"images": images, "annotations": annotations, "categories": cats}, f)
+        _save_json(pan_json, {"images": images, "annotations": annotations, "categories": cats})
     return root
 
 
