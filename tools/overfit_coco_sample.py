@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "overfit_coco_sample"))
     ap.add_argument("--iters", type=int, default=1500)
     ap.add_argument("--size", type=int, default=320, help="shortest image side, train and test")
+    ap.add_argument("--eval-only", default="", metavar="WEIGHTS", help="evaluate these weights, no training")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config overrides")
     args = ap.parse_args(argv)
     pan_json = os.path.join(args.coco_root, "annotations", "panoptic_val2017.json")
@@ -79,10 +80,17 @@ def main(argv=None) -> int:
     from train_net import Trainer
 
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()  # evaluates on the same images at the end
-    results = trainer._last_eval_results
+    if args.eval_only:
+        from mask2former_d2.checkpoint import MaskFormerCheckpointer
+
+        model = Trainer.build_model(cfg)
+        MaskFormerCheckpointer(model).load(args.eval_only)
+        results = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()  # evaluates on the same images at the end
+        results = trainer._last_eval_results
     seconds = time.perf_counter() - t0
     summary = {
         "PQ": results["panoptic_seg"]["PQ"],

@@ -23,6 +23,14 @@ class InstanceSegEvaluator(COCOEvaluator):
         self._rank = {c: r for r, c in enumerate(sorted(thing_map.values()))}
         fields = dict(meta.as_dict())
         fields["thing_dataset_id_to_contiguous_id"] = {d: self._rank[c] for d, c in thing_map.items()}
+        # Per-category tables need one name per thing, in rank order. Some panoptic metadata
+        # (e.g. Detectron2's "coco_panoptic_standard") lists every class in thing_classes,
+        # indexed by contiguous id; take the things' names from it.
+        names = list(fields.get("thing_classes", []))
+        if len(names) != len(self._rank):
+            everything = list(fields.get("stuff_classes", [])) or names
+            if len(everything) > max(self._rank):
+                fields["thing_classes"] = [everything[c] for c in sorted(self._rank)]
         self._metadata = Metadata(**fields)
 
     def process(self, inputs, outputs):
