@@ -14,9 +14,8 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from .postprocessing import instance_inference, panoptic_inference, semantic_inference
+from .postprocessing import MaskLogitRows, postprocess_masks
 
 logger = logging.getLogger(__name__)
 
@@ -196,60 +195,55 @@ class MaskFormer(nn.Module):
             weights = self.criterion.weight_dict
             return {k: v * weights[k] for k, v in losses.items() if k in weights}
 
-        mask_cls_results = outputs["pred_logits"]  # (B, Q, K+1)
-        mask_pred_results = F.interpolate(  # (B, Q, Hp, Wp)
-            outputs["pred_masks"],
-            size=images.tensor.shape[-2:],
-            mode="bilinear",
-            align_corners=False,
-        )
-        del outputs
+        padded_size = tuple(images.tensor.shape[-2:])
         return [
-            self.inference_single(mask_cls, mask_pred, size, x)
+            self.inference_single(mask_cls, mask_pred, padded_size, size, x)
             for mask_cls, mask_pred, size, x in zip(
-                mask_cls_results, mask_pred_results, images.image_sizes, batched_inputs
+                outputs["pred_logits"], outputs["pred_masks"], images.image_sizes, batched_inputs
             )
         ]
 
     def inference_single(
-        self, mask_cls: Tensor, mask_pred: Tensor, image_size: Tuple[int, int], inputs: Dict
+        self,
+        mask_cls: Tensor,
+        mask_pred: Tensor,
+        padded_size: Tuple[int, int],
+        image_size: Tuple[int, int],
+        inputs: Dict,
     ) -> Dict[str, Any]:
-        """Outputs of one image from its (Q, K+1) class logits and (Q, Hp, Wp) mask logits."""
+        """Outputs of one image from its (Q, K+1) class logits and (Q, h, w) low-resolution mask
+        logits, as the published model: masks upsampled to the padded batch, cropped to the image
+        and resized to the requested ``height``/``width`` (PARITY_NOTES 2), here a band of rows
+        at a time (see :class:`MaskLogitRows`)."""
         height = inputs.get("height", image_size[0])
         width = inputs.get("width", image_size[1])
-        result: Dict[str, Any] = {}
-        if self.sem_seg_postprocess_before_inference:
-            mask_pred = retry_if_cuda_oom(_resize_output)(mask_pred, image_size, height, width)
-            mask_cls = mask_cls.to(mask_pred)
-        # One sigmoid of the full-resolution masks serves all three outputs.
-        mask_prob = mask_pred.sigmoid()
-        if self.semantic_on:
-            sem_seg = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred, mask_prob=mask_prob)
-            if not self.sem_seg_postprocess_before_inference:
-                sem_seg = retry_if_cuda_oom(_resize_output)(sem_seg, image_size, height, width)
-            result["sem_seg"] = sem_seg
         num_classes = self.sem_seg_head.num_classes
+        resize_first = self.sem_seg_postprocess_before_inference
+        out_size = (height, width) if resize_first else tuple(image_size)
+        masks = MaskLogitRows(mask_pred, padded_size, image_size, out_size)
+        panoptic = instance = None
         if self.panoptic_on:
-            result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
-                mask_cls,
-                mask_pred,
+            panoptic = dict(
                 num_classes=num_classes,
                 thing_ids=self.thing_ids,
                 object_mask_threshold=self.object_mask_threshold,
                 overlap_threshold=self.overlap_threshold,
-                mask_prob=mask_prob,
             )
         if self.instance_on:
-            result["instances"] = retry_if_cuda_oom(instance_inference)(
-                mask_cls,
-                mask_pred,
+            instance = dict(
                 num_classes=num_classes,
                 topk=self.test_topk_per_image,
                 thing_ids=self.thing_ids,
                 things_only=self.panoptic_on,
-                mask_prob=mask_prob,
             )
-        return result
+        result = retry_if_cuda_oom(postprocess_masks)(
+            mask_cls, masks, semantic=self.semantic_on, panoptic=panoptic, instance=instance
+        )
+        if self.semantic_on and not resize_first:
+            result["sem_seg"] = retry_if_cuda_oom(_resize_output)(
+                result["sem_seg"], image_size, height, width
+            )
+        return {k: result[k] for k in ("sem_seg", "panoptic_seg", "instances") if k in result}
 
     def prepare_targets(self, targets: List[Instances], images: ImageList) -> List[Dict[str, Tensor]]:
         """Pads each image's ground-truth masks to the batch's padded size."""

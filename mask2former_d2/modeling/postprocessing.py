@@ -1,9 +1,17 @@
 """Turning per-query predictions into semantic, panoptic and instance outputs.
 
-Pure functions on one image. Shapes: Q queries, K classes (K+1 with no-object), H/W the
-output resolution. ``mask_cls`` are class logits (Q, K+1); ``mask_pred`` are mask logits
-(Q, H, W). Every step is a tensor operation over all queries at once; the only Python loop
-runs over the few kept panoptic segments, on values already moved to the host.
+Shapes: Q queries, K classes (K+1 with no-object), H/W the output resolution. ``mask_cls`` are
+class logits (Q, K+1); mask logits are (Q, H, W) at the output resolution.
+
+Full-resolution mask logits are never held whole: :class:`MaskLogitRows` produces them a band
+of rows at a time, straight from the 1/4-resolution predictions, and each output accumulates
+what it needs from every band. A (Q, H, W) float tensor is ~430 MB at 800x1333 with 100
+queries; the published code makes several of them per image (upsampled logits, sigmoid,
+weighted probabilities, gathered copies), and at that size the page faults of fresh allocations
+cost as much as the arithmetic. Bands of a few MB stay in the allocator and in cache.
+
+Every step is a tensor operation over all queries at once; the only Python loop runs over the
+few kept panoptic segments, on values already moved to the host.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -12,26 +20,323 @@ from detectron2.structures import Boxes, Instances
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["semantic_inference", "panoptic_inference", "instance_inference", "masks_to_boxes"]
+__all__ = [
+    "MaskLogitRows",
+    "postprocess_masks",
+    "semantic_inference",
+    "panoptic_inference",
+    "instance_inference",
+    "masks_to_boxes",
+]
+
+# Elements of (Q, rows, W) per band: 4M floats (16 MB) on the CPU keeps each band under
+# glibc's largest mmap threshold (32 MB), so band buffers are reused instead of faulted in.
+_BAND_ELEMENTS = {"cpu": 1 << 22}
+_BAND_ELEMENTS_OTHER = 1 << 27
 
 
-def semantic_inference(
-    mask_cls: Tensor, mask_pred: Tensor, *, mask_prob: Optional[Tensor] = None
-) -> Tensor:
+def _band_rows(num_queries: int, height: int, width: int, device: torch.device) -> int:
+    budget = _BAND_ELEMENTS.get(device.type, _BAND_ELEMENTS_OTHER)
+    return max(1, min(height, budget // max(1, num_queries * width)))
+
+
+def _linear_taps(in_size: int, out_size: int, device) -> Tuple[Tensor, Tensor, Tensor]:
+    """Source rows and weights of a bilinear (``align_corners=False``) resize along one axis,
+    computed in float32 as PyTorch's kernel does: ``src = (dst + 0.5) * in/out - 0.5``, clamped
+    at 0; returns (i0, i1, w1) with ``out = x[i0] * (1 - w1) + x[i1] * w1``."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.long()
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    w1 = src - i0
+    return i0.to(device), i1.to(device), w1.to(device)
+
+
+class MaskLogitRows:
+    """Full-resolution mask logits of one image, a band of output rows at a time.
+
+    Equivalent to upsampling ``low`` bilinearly to the padded batch size, cropping the image's
+    own ``image_size`` and resizing bilinearly to ``output_size`` (Detectron2's
+    ``sem_seg_postprocess``), the published order. When the padded size is a power-of-two
+    multiple of ``low``'s (always, for stride-4 mask features and a padded batch), each band of
+    the first upsampling is computed from a slice of ``low`` with one row of margin: the same
+    source rows and weights as the whole-image resize (bit-identical in float64; PyTorch's
+    float32 kernel rounds a few ulps differently for short inputs). Otherwise the whole image is
+    upsampled once. The second resize, when the output size differs, is done separably from
+    global source indices (equal to PyTorch's up to float rounding).
+
+    Args:
+        low: (Q, h, w) mask logits of one image (the head's ``pred_masks[i]``).
+        padded_size: (Hp, Wp) of the padded batch the model saw.
+        image_size: (h, w) of this image inside the padded batch.
+        output_size: (H, W) requested for the outputs.
+    """
+
+    def __init__(
+        self,
+        low: Tensor,
+        padded_size: Tuple[int, int],
+        image_size: Tuple[int, int],
+        output_size: Tuple[int, int],
+    ):
+        self.low = low
+        self.padded_size = (int(padded_size[0]), int(padded_size[1]))
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.shape = (low.shape[0], int(output_size[0]), int(output_size[1]))
+        self.dtype, self.device = low.dtype, low.device
+        hp, lh = self.padded_size[0], low.shape[-2]
+        factor = hp // lh if hp % lh == 0 else 0
+        self._factor = factor if factor > 0 and factor & (factor - 1) == 0 else 0
+        self._full: Optional[Tensor] = None
+        if not self._factor:
+            self._full = F.interpolate(
+                low[None], size=self.padded_size, mode="bilinear", align_corners=False
+            )[0]
+        h, w = self.image_size
+        out_h, out_w = self.shape[1:]
+        self._rows = _linear_taps(h, out_h, low.device) if h != out_h else None
+        self._resize_width = w != out_w
+
+    def _image_rows(self, a: int, b: int) -> Tensor:
+        """Rows [a, b) of the upsampled, cropped (Q, h, w) logits."""
+        w = self.image_size[1]
+        if self._full is not None:
+            return self._full[:, a:b, :w]
+        f, lh = self._factor, self.low.shape[-2]
+        # Output row r reads input rows around (r + 0.5) / f - 0.5; one row of margin either
+        # side keeps the band's own edge clamping away from the rows that are kept.
+        in0 = max(a // f - 1, 0)
+        in1 = min(-(-b // f) + 1, lh)
+        up = F.interpolate(
+            self.low[None, :, in0:in1],
+            size=((in1 - in0) * f, self.padded_size[1]),
+            mode="bilinear",
+            align_corners=False,
+        )[0]
+        return up[:, a - in0 * f : b - in0 * f, :w]
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        """(Q, r1 - r0, W) mask logits of output rows [r0, r1)."""
+        if self._rows is None:
+            x = self._image_rows(r0, r1)
+        else:
+            i0, i1, w1 = (t[r0:r1] for t in self._rows)
+            s0, s1 = int(i0[0]), int(i1[-1]) + 1
+            x = self._image_rows(s0, s1)
+        if self._resize_width:
+            x = F.interpolate(x[None], size=(x.shape[1], self.shape[2]), mode="bilinear",
+                              align_corners=False)[0]
+        if self._rows is not None:
+            w1 = w1.to(x.dtype).view(1, -1, 1)
+            x = x.index_select(1, i0 - s0) * (1 - w1) + x.index_select(1, i1 - s0) * w1
+        return x
+
+
+class _TensorRows:
+    """A whole (Q, H, W) logit tensor behind :class:`MaskLogitRows`'s interface."""
+
+    def __init__(self, logits: Tensor):
+        self.logits = logits
+        self.shape = tuple(logits.shape)
+        self.dtype, self.device = logits.dtype, logits.device
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        return self.logits[:, r0:r1]
+
+
+class _Semantic:
+    """``sum_q p_q(c) * sigmoid(m_q)``: (K, H, W) probabilities (not logits)."""
+
+    def __init__(self, mask_cls: Tensor, shape, dtype):
+        _, h, w = shape
+        self.cls_prob_t = F.softmax(mask_cls, dim=-1)[:, :-1].t().contiguous().to(dtype)  # (K, Q)
+        self.out = mask_cls.new_empty((self.cls_prob_t.shape[0], h, w), dtype=dtype)
+
+    def update(self, r0, r1, logits, prob):
+        k = self.out.shape[0]
+        # The band of every class is one (K, rows*W) block with row stride H*W: BLAS writes it
+        # in place.
+        torch.mm(self.cls_prob_t, prob.reshape(prob.shape[0], -1), out=self.out[:, r0:r1].view(k, -1))
+
+    def finish(self) -> Tensor:
+        return self.out
+
+
+class _Panoptic:
+    """Mask2Former's panoptic merge (PARITY_NOTES 4), accumulated band by band."""
+
+    def __init__(self, mask_cls, shape, *, num_classes, thing_ids, object_mask_threshold,
+                 overlap_threshold):
+        q, h, w = shape
+        scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
+        keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+        self.keep = keep.nonzero().squeeze(1)
+        self.n = int(self.keep.numel())
+        self.all_kept = self.n == q
+        self.scores = scores[self.keep].view(-1, 1, 1)
+        self.classes = labels[self.keep]
+        self.thing_ids = thing_ids
+        self.overlap_threshold = overlap_threshold
+        device = mask_cls.device
+        self.winner = torch.zeros((h, w), dtype=torch.int64, device=device)
+        self.confident = torch.zeros((h, w), dtype=torch.bool, device=device)
+        self.won = torch.zeros(self.n, dtype=torch.int64, device=device)
+        self.own = torch.zeros(self.n, dtype=torch.int64, device=device)
+        self.seg = torch.zeros(self.n, dtype=torch.int64, device=device)
+
+    def update(self, r0, r1, logits, prob):
+        if self.n == 0:
+            return
+        p = prob if self.all_kept else prob.index_select(0, self.keep)
+        winner = (p * self.scores.to(p.dtype)).argmax(0)  # (rows, W): the winning query
+        # A pixel belongs to its winner's segment only where the winner's own probability is
+        # >= 0.5.
+        confident = p.gather(0, winner.unsqueeze(0)).squeeze(0) >= 0.5
+        self.winner[r0:r1] = winner
+        self.confident[r0:r1] = confident
+        self.won += torch.bincount(winner.flatten(), minlength=self.n)
+        self.own += (p >= 0.5).sum((1, 2), dtype=torch.int64)
+        self.seg += torch.bincount(winner[confident], minlength=self.n)
+
+    def finish(self) -> Tuple[Tensor, List[Dict]]:
+        h, w = self.winner.shape
+        panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=self.winner.device)
+        if self.n == 0:
+            return panoptic_seg, []
+        # The segment bookkeeping needs a handful of scalars per query: one transfer.
+        stats = torch.stack([self.classes, self.won, self.own, self.seg]).tolist()
+        thing_set = set(int(t) for t in self.thing_ids)
+        segment_of_query = [0] * self.n
+        segments_info: List[Dict] = []
+        stuff_segment: Dict[int, int] = {}
+        for k, (cls, won, own, seg) in enumerate(zip(*stats)):
+            if won == 0 or own == 0 or seg == 0 or won / own < self.overlap_threshold:
+                continue
+            isthing = cls in thing_set
+            if not isthing and cls in stuff_segment:
+                segment_of_query[k] = stuff_segment[cls]
+                continue
+            seg_id = len(segments_info) + 1
+            if not isthing:
+                stuff_segment[cls] = seg_id
+            segment_of_query[k] = seg_id
+            segments_info.append({"id": seg_id, "isthing": isthing, "category_id": cls})
+        lut = torch.tensor(segment_of_query, dtype=torch.int32, device=self.winner.device)
+        panoptic_seg = torch.where(self.confident, lut[self.winner], panoptic_seg)
+        return panoptic_seg, segments_info
+
+
+class _Instance:
+    """Top-k (query, class) pairs with their binary masks, boxes and mask-weighted scores."""
+
+    def __init__(self, mask_cls, shape, *, num_classes, topk, thing_ids, things_only):
+        q, h, w = shape
+        cls_prob = F.softmax(mask_cls, dim=-1)[:, :-1]  # (Q, K)
+        topk = min(topk, cls_prob.numel())
+        top_scores, top_idx = cls_prob.flatten().topk(topk, sorted=True)
+        labels = top_idx % num_classes
+        query = torch.div(top_idx, num_classes, rounding_mode="floor")
+        if things_only:
+            things = torch.as_tensor(list(thing_ids), dtype=labels.dtype, device=labels.device)
+            keep = torch.isin(labels, things)
+            top_scores, labels, query = top_scores[keep], labels[keep], query[keep]
+        self.top_scores, self.labels = top_scores.float(), labels
+        # Mask statistics depend only on the query: gather them for the queries used, once each.
+        self.used, self.inverse = torch.unique(query, return_inverse=True)
+        u = int(self.used.numel())
+        self.all_used = u == q  # unique() sorts, so `used` is then arange(Q)
+        device = mask_cls.device
+        self.image_size = (h, w)
+        self.masks = torch.empty((u, h, w), dtype=torch.bool, device=device)
+        self.area = torch.zeros(u, dtype=torch.int64, device=device)
+        self.inside = torch.zeros(u, dtype=torch.float32, device=device)
+        self.row_hit = torch.zeros((u, h), dtype=torch.bool, device=device)
+        self.col_hit = torch.zeros((u, w), dtype=torch.bool, device=device)
+
+    def update(self, r0, r1, logits, prob):
+        if self.used.numel() == 0:
+            return
+        if not self.all_used:
+            logits, prob = logits.index_select(0, self.used), prob.index_select(0, self.used)
+        binary = logits > 0
+        self.masks[:, r0:r1] = binary
+        self.area += binary.sum((1, 2), dtype=torch.int64)
+        self.inside += torch.where(binary, prob, 0.0).sum((1, 2), dtype=torch.float32)
+        # A row/column holds mask pixels iff its largest logit is > 0: reductions of the float
+        # logits are much faster than of the boolean mask.
+        self.row_hit[:, r0:r1] = logits.amax(2) > 0
+        self.col_hit |= logits.amax(1) > 0
+
+    def finish(self) -> Instances:
+        mask_score = self.inside / (self.area + 1e-6)  # (U,)
+        boxes = _boxes_from_projections(self.row_hit, self.col_hit)
+        scores = self.top_scores * mask_score[self.inverse]
+        order = scores.argsort(descending=True)
+        inverse = self.inverse[order]
+        result = Instances(self.image_size)
+        result.pred_masks = self.masks[inverse]
+        result.pred_boxes = Boxes(boxes[inverse])
+        result.scores = scores[order]
+        result.pred_classes = self.labels[order]
+        return result
+
+
+def _run(source, outputs: Dict[str, object]) -> Dict[str, object]:
+    """Feed every band of ``source`` (logits and their sigmoid) to each output accumulator."""
+    q, h, w = source.shape
+    step = _band_rows(q, h, w, source.device)
+    for r0 in range(0, h, step):
+        r1 = min(h, r0 + step)
+        logits = source.rows(r0, r1)
+        prob = logits.sigmoid()  # one sigmoid serves all three outputs
+        for acc in outputs.values():
+            acc.update(r0, r1, logits, prob)
+    return {k: acc.finish() for k, acc in outputs.items()}
+
+
+def postprocess_masks(
+    mask_cls: Tensor,
+    masks,
+    *,
+    semantic: bool = False,
+    panoptic: Optional[Dict] = None,
+    instance: Optional[Dict] = None,
+) -> Dict[str, object]:
+    """Semantic, panoptic and instance outputs of one image in a single pass over its masks.
+
+    Args:
+        mask_cls: (Q, K+1) class logits.
+        masks: a :class:`MaskLogitRows` or a (Q, H, W) tensor of mask logits.
+        semantic: compute ``sem_seg`` (see :func:`semantic_inference`).
+        panoptic: keyword arguments of :func:`panoptic_inference` to compute ``panoptic_seg``.
+        instance: keyword arguments of :func:`instance_inference` to compute ``instances``.
+
+    Returns:
+        dict with the requested ``sem_seg``, ``panoptic_seg`` and ``instances``.
+    """
+    source = _TensorRows(masks) if isinstance(masks, Tensor) else masks
+    mask_cls = mask_cls.to(source.device)
+    outputs: Dict[str, object] = {}
+    if semantic:
+        outputs["sem_seg"] = _Semantic(mask_cls, source.shape, source.dtype)
+    if panoptic is not None:
+        outputs["panoptic_seg"] = _Panoptic(mask_cls, source.shape, **panoptic)
+    if instance is not None:
+        outputs["instances"] = _Instance(mask_cls, source.shape, **instance)
+    return _run(source, outputs)
+
+
+def semantic_inference(mask_cls: Tensor, mask_pred: Tensor) -> Tensor:
     """Per-pixel class probabilities ``sum_q p_q(c) * sigmoid(m_q)``.
 
     Args:
         mask_cls: (Q, K+1) class logits.
-        mask_pred: (Q, H, W) mask logits.
-        mask_prob: ``mask_pred.sigmoid()`` if the caller already has it.
+        mask_pred: (Q, H, W) mask logits, or a :class:`MaskLogitRows`.
 
     Returns:
         (K, H, W) probabilities (not logits).
     """
-    cls_prob = F.softmax(mask_cls, dim=-1)[:, :-1]  # (Q, K)
-    if mask_prob is None:
-        mask_prob = mask_pred.sigmoid()
-    return torch.einsum("qk,qhw->khw", cls_prob, mask_prob)
+    return postprocess_masks(mask_cls, mask_pred, semantic=True)["sem_seg"]
 
 
 def panoptic_inference(
@@ -42,7 +347,6 @@ def panoptic_inference(
     thing_ids: Sequence[int],
     object_mask_threshold: float,
     overlap_threshold: float,
-    mask_prob: Optional[Tensor] = None,
 ) -> Tuple[Tensor, List[Dict]]:
     """Panoptic segmentation as in Mask2Former.
 
@@ -54,60 +358,46 @@ def panoptic_inference(
 
     Args:
         mask_cls: (Q, K+1) class logits.
-        mask_pred: (Q, H, W) mask logits.
+        mask_pred: (Q, H, W) mask logits, or a :class:`MaskLogitRows`.
         num_classes: K; label K is no-object.
         thing_ids: contiguous ids of thing classes.
         object_mask_threshold, overlap_threshold: as in the config.
-        mask_prob: ``mask_pred.sigmoid()`` if the caller already has it.
 
     Returns:
         ``panoptic_seg`` (H, W) int32 with segment ids from 1 (0 = void) and
         ``segments_info``: one dict per segment with ``id``, ``isthing``, ``category_id``.
     """
-    scores, labels = F.softmax(mask_cls, dim=-1).max(-1)  # (Q,)
-    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
-    h, w = mask_pred.shape[-2:]
-    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=mask_pred.device)
-    if not bool(keep.any()):
-        return panoptic_seg, []
+    kwargs = dict(num_classes=num_classes, thing_ids=thing_ids,
+                  object_mask_threshold=object_mask_threshold, overlap_threshold=overlap_threshold)
+    return postprocess_masks(mask_cls, mask_pred, panoptic=kwargs)["panoptic_seg"]
 
-    cur_scores = scores[keep]
-    cur_classes = labels[keep]
-    if mask_prob is None:
-        cur_prob = mask_pred[keep].sigmoid()  # (N, H, W)
-    else:
-        cur_prob = mask_prob if bool(keep.all()) else mask_prob[keep]
-    n = cur_prob.shape[0]
 
-    winner = (cur_scores.view(-1, 1, 1) * cur_prob).argmax(0)  # (H, W) index of the winning query
-    # A pixel belongs to its winner's segment only where the winner's own probability is >= 0.5.
-    winner_confident = cur_prob.gather(0, winner.unsqueeze(0)).squeeze(0) >= 0.5
-    won_area = torch.bincount(winner.flatten(), minlength=n)
-    own_area = (cur_prob >= 0.5).flatten(1).sum(1)
-    seg_area = torch.bincount(winner[winner_confident], minlength=n)
+def instance_inference(
+    mask_cls: Tensor,
+    mask_pred: Tensor,
+    *,
+    num_classes: int,
+    topk: int,
+    thing_ids: Sequence[int] = (),
+    things_only: bool = False,
+) -> Instances:
+    """Instance segmentation: the top-k (query, class) pairs by class probability.
 
-    # The segment bookkeeping needs a handful of scalars per query: one transfer.
-    stats = torch.stack([cur_classes, won_area, own_area, seg_area]).tolist()
-    thing_set = set(int(t) for t in thing_ids)
-    segment_of_query = [0] * n
-    segments_info: List[Dict] = []
-    stuff_segment: Dict[int, int] = {}
-    for k, (cls, won, own, seg) in enumerate(zip(*stats)):
-        if won == 0 or own == 0 or seg == 0 or won / own < overlap_threshold:
-            continue
-        isthing = cls in thing_set
-        if not isthing and cls in stuff_segment:
-            segment_of_query[k] = stuff_segment[cls]
-            continue
-        seg_id = len(segments_info) + 1
-        if not isthing:
-            stuff_segment[cls] = seg_id
-        segment_of_query[k] = seg_id
-        segments_info.append({"id": seg_id, "isthing": isthing, "category_id": cls})
+    Args:
+        mask_cls: (Q, K+1) class logits.
+        mask_pred: (Q, H, W) mask logits, or a :class:`MaskLogitRows`.
+        num_classes: K.
+        topk: detections kept per image (``TEST.DETECTIONS_PER_IMAGE``).
+        thing_ids: contiguous ids of thing classes, used with ``things_only``.
+        things_only: keep only thing classes (panoptic models).
 
-    lut = torch.tensor(segment_of_query, dtype=torch.int32, device=mask_pred.device)
-    panoptic_seg = torch.where(winner_confident, lut[winner], panoptic_seg)
-    return panoptic_seg, segments_info
+    Returns:
+        Instances with ``pred_masks`` (N, H, W) bool (logit > 0), ``pred_boxes`` from the masks,
+        ``scores`` = class probability x mean mask probability inside the mask, and
+        ``pred_classes``; sorted by score, highest first.
+    """
+    kwargs = dict(num_classes=num_classes, topk=topk, thing_ids=thing_ids, things_only=things_only)
+    return postprocess_masks(mask_cls, mask_pred, instance=kwargs)["instances"]
 
 
 def masks_to_boxes(masks: Tensor) -> Tensor:
@@ -130,63 +420,3 @@ def _boxes_from_projections(rows: Tensor, cols: Tensor) -> Tensor:
     x1 = torch.where(cols, xs, -1).amax(1) + 1
     boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
     return torch.where(rows.any(1, keepdim=True), boxes, torch.zeros_like(boxes))
-
-
-def instance_inference(
-    mask_cls: Tensor,
-    mask_pred: Tensor,
-    *,
-    num_classes: int,
-    topk: int,
-    thing_ids: Sequence[int] = (),
-    things_only: bool = False,
-    mask_prob: Optional[Tensor] = None,
-) -> Instances:
-    """Instance segmentation: the top-k (query, class) pairs by class probability.
-
-    Args:
-        mask_cls: (Q, K+1) class logits.
-        mask_pred: (Q, H, W) mask logits.
-        num_classes: K.
-        topk: detections kept per image (``TEST.DETECTIONS_PER_IMAGE``).
-        thing_ids: contiguous ids of thing classes, used with ``things_only``.
-        things_only: keep only thing classes (panoptic models).
-        mask_prob: ``mask_pred.sigmoid()`` if the caller already has it.
-
-    Returns:
-        Instances with ``pred_masks`` (N, H, W) bool (logit > 0), ``pred_boxes`` from the masks,
-        ``scores`` = class probability x mean mask probability inside the mask, and
-        ``pred_classes``; sorted by score, highest first.
-    """
-    cls_prob = F.softmax(mask_cls, dim=-1)[:, :-1]  # (Q, K)
-    topk = min(topk, cls_prob.numel())
-    top_scores, top_idx = cls_prob.flatten().topk(topk, sorted=True)
-    labels = top_idx % num_classes
-    query = torch.div(top_idx, num_classes, rounding_mode="floor")
-    if things_only:
-        things = torch.as_tensor(list(thing_ids), dtype=labels.dtype, device=labels.device)
-        keep = torch.isin(labels, things)
-        top_scores, labels, query = top_scores[keep], labels[keep], query[keep]
-
-    # Mask statistics depend only on the query: compute them for the queries used, once each.
-    used, inverse = torch.unique(query, return_inverse=True)
-    logits = mask_pred[used]  # (U, H, W)
-    prob = logits.sigmoid() if mask_prob is None else mask_prob[used]
-    binary = logits > 0
-    area = binary.flatten(1).sum(1)
-    inside = torch.where(binary, prob, 0.0).flatten(1).sum(1)
-    mask_score = inside / (area + 1e-6)  # (U,)
-    # A row/column holds mask pixels iff its largest logit is > 0: reductions of the float
-    # logits are much faster than of the boolean mask.
-    boxes = _boxes_from_projections(logits.amax(2) > 0, logits.amax(1) > 0)
-
-    scores = top_scores * mask_score[inverse]
-    order = scores.argsort(descending=True)
-    inverse = inverse[order]
-
-    result = Instances(tuple(mask_pred.shape[-2:]))
-    result.pred_masks = binary[inverse]
-    result.pred_boxes = Boxes(boxes[inverse])
-    result.scores = scores[order]
-    result.pred_classes = labels[order]
-    return result
