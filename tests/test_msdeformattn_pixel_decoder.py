@@ -127,6 +127,26 @@ class TestMSDeformAttnPixelDecoder(unittest.TestCase):
         )
         self.assertIs(encoder_out, multi_scale[0])
 
+    def test_inference_chunks_equal_whole_sequence(self):
+        """Without autograd the encoder runs positions in chunks; same outputs as in one go."""
+        from mask2former_d2.modeling.pixel_decoder import msdeformattn
+
+        decoder = build_pixel_decoder(make_cfg(), input_shape()).eval()
+        features = make_features(200, 249)  # S = 7*8 + 13*16 + 25*32 = 1064 positions, B = 2
+        with torch.enable_grad():
+            expected = decoder.forward_features(features)
+        saved = msdeformattn.QUERY_CHUNK
+        try:
+            for chunk in (1, 100, 1063):
+                msdeformattn.QUERY_CHUNK = chunk
+                with torch.no_grad():
+                    got = decoder.forward_features(features)
+                torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+                for g, e in zip(got[2], expected[2]):
+                    torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        finally:
+            msdeformattn.QUERY_CHUNK = saved
+
     def test_every_param_gets_grad(self):
         decoder = build_pixel_decoder(make_cfg(), input_shape())
         decoder.train()

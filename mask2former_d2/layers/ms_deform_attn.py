@@ -24,13 +24,13 @@ through the corner weights (gradients for locations and attention weights) and t
 
 import math
 import warnings
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MSDeformAttn", "ms_deform_attn"]
+__all__ = ["MSDeformAttn", "ms_deform_attn", "ValueTable", "value_table", "sample_value_table"]
 
 # Largest row count whose indices float32 represents exactly.
 _FLOAT32_EXACT_INT = 2**24
@@ -102,6 +102,23 @@ def _bordered_table(value: Tensor, sizes: List[Tuple[int, int]]) -> Tensor:
     return table.view(b * total * m, d)
 
 
+class ValueTable(NamedTuple):
+    """Values laid out for sampling: (B * T * M, D) rows with a zero border around each level
+    (see the module docstring). Built once, sampled by any number of query chunks."""
+
+    table: Tensor
+    sizes: List[Tuple[int, int]]
+    batch: int
+    heads: int
+    head_dim: int
+
+
+def value_table(value: Tensor, sizes: List[Tuple[int, int]]) -> ValueTable:
+    """(B, S, M, D) values of levels ``sizes`` -> :class:`ValueTable`."""
+    b, _, m, d = value.shape
+    return ValueTable(_bordered_table(value, sizes), sizes, b, m, d)
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -130,14 +147,31 @@ def ms_deform_attn(
     sizes = _check_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
-    b, s, m, d = value.shape
+    return sample_value_table(value_table(value, sizes), sampling_locations, attention_weights)
+
+
+def sample_value_table(
+    values: ValueTable, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """:func:`ms_deform_attn` on a prepared :class:`ValueTable`: locations (B, Q, M, L, P, 2)
+    and weights (B, Q, M, L, P) -> (B, Q, M * D)."""
+    table, sizes, b, m, d = values
+    shape = tuple(sampling_locations.shape)
+    if len(shape) != 6 or (shape[0], shape[2], shape[3], shape[5]) != (b, m, len(sizes), 2):
+        raise ValueError(
+            f"sampling_locations must be (B={b}, Q, M={m}, L={len(sizes)}, P, 2), got {shape}"
+        )
+    if tuple(attention_weights.shape) != shape[:5]:
+        raise ValueError(
+            f"attention_weights must be (B, Q, M, L, P) = {shape[:5]}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
     q, num_levels, num_points = sampling_locations.shape[1], *sampling_locations.shape[3:5]
     k = num_levels * num_points
-    device = value.device
+    device = table.device
 
     coord_dtype = torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
     coord_dtype = torch.promote_types(coord_dtype, torch.float32)
-    table = _bordered_table(value, sizes)  # (B * T * M, D)
     num_rows = table.shape[0]
     # Rows are computed in floating point, then converted once; they must be exact.
     row_dtype = coord_dtype if num_rows < _FLOAT32_EXACT_INT else torch.float64
@@ -193,7 +227,7 @@ def ms_deform_attn(
     weights = (wy[:, :, None] * wx[:, None]).view(b * q * m, 4 * k)  # (N, 4 K)
 
     out = F.embedding_bag(
-        rows.view(b * q * m, 4 * k), table, per_sample_weights=weights.to(value.dtype), mode="sum"
+        rows.view(b * q * m, 4 * k), table, per_sample_weights=weights.to(table.dtype), mode="sum"
     )  # (N, D)
     return out.view(b, q, m * d)
 
@@ -302,22 +336,39 @@ class MSDeformAttn(nn.Module):
         self._check_forward_inputs(
             query, reference_points, input_flatten, input_spatial_shapes, input_padding_mask
         )
-        b, q, _ = query.shape
-        s = input_flatten.shape[1]
-        m, num_levels, num_points = self.num_heads, self.num_levels, self.num_points
+        values = self.project_value(input_flatten, input_spatial_shapes, input_padding_mask)
+        return self.attend(query, reference_points, values)
 
+    def project_value(
+        self,
+        input_flatten: Tensor,
+        input_spatial_shapes: Tensor,
+        input_padding_mask: Optional[Tensor] = None,
+    ) -> ValueTable:
+        """The first half of :meth:`forward`: projected values, laid out for sampling. Queries
+        can then be attended in chunks (:meth:`attend`) against one table."""
+        b, s, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(b, s, m, self.head_dim)  # (B, S, M, D)
+        value = value.view(b, s, self.num_heads, self.head_dim)  # (B, S, M, D)
+        sizes = [(int(h), int(w)) for h, w in input_spatial_shapes.tolist()]
+        return value_table(value, sizes)
 
+    def attend(self, query: Tensor, reference_points: Tensor, values: ValueTable) -> Tensor:
+        """The second half of :meth:`forward`: query (B, Q, C), reference_points (B, Q, L, 2|4)
+        -> (B, Q, C)."""
+        b, q, _ = query.shape
+        m, num_levels, num_points = self.num_heads, self.num_levels, self.num_points
         offsets = self.sampling_offsets(query).view(b, q, m, num_levels, num_points, 2)
         weights = self.attention_weights(query).view(b, q, m, num_levels * num_points)
         weights = F.softmax(weights, -1).view(b, q, m, num_levels, num_points)
 
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divide by (W_l, H_l).
-            normalizer = input_spatial_shapes.flip(-1)  # (L, 2)
+            normalizer = torch.tensor(
+                [(w, h) for h, w in values.sizes], dtype=offsets.dtype, device=offsets.device
+            )  # (L, 2)
             locations = (
                 reference_points[:, :, None, :, None, :]
                 + offsets / normalizer[None, None, None, :, None, :]
@@ -328,10 +379,7 @@ class MSDeformAttn(nn.Module):
                 reference_points[:, :, None, :, None, :2]
                 + offsets / num_points * reference_points[:, :, None, :, None, 2:] * 0.5
             )
-        out = ms_deform_attn(
-            value, input_spatial_shapes, input_level_start_index, locations, weights
-        )
-        return self.output_proj(out)
+        return self.output_proj(sample_value_table(values, locations, weights))
 
     def _check_forward_inputs(
         self,

@@ -188,14 +188,17 @@ class _Panoptic:
         if self.n == 0:
             return
         p = prob if self.all_kept else prob.index_select(0, self.keep)
-        winner = (p * self.scores.to(p.dtype)).argmax(0)  # (rows, W): the winning query
+        # score * probability, copied query-last so that the argmax over queries reduces
+        # contiguous memory (over the leading dim it is ~3x slower on the CPU).
+        weighted = (p * self.scores.to(p.dtype)).permute(1, 2, 0).contiguous()
+        winner = weighted.argmax(-1)  # (rows, W): the winning query
         # A pixel belongs to its winner's segment only where the winner's own probability is
         # >= 0.5.
         confident = p.gather(0, winner.unsqueeze(0)).squeeze(0) >= 0.5
         self.winner[r0:r1] = winner
         self.confident[r0:r1] = confident
         self.won += torch.bincount(winner.flatten(), minlength=self.n)
-        self.own += (p >= 0.5).sum((1, 2), dtype=torch.int64)
+        self.own += (p >= 0.5).sum((1, 2), dtype=torch.int32)
         self.seg += torch.bincount(winner[confident], minlength=self.n)
 
     def finish(self) -> Tuple[Tensor, List[Dict]]:
@@ -260,7 +263,7 @@ class _Instance:
             logits, prob = logits.index_select(0, self.used), prob.index_select(0, self.used)
         binary = logits > 0
         self.masks[:, r0:r1] = binary
-        self.area += binary.sum((1, 2), dtype=torch.int64)
+        self.area += binary.sum((1, 2), dtype=torch.int32)
         self.inside += torch.where(binary, prob, 0.0).sum((1, 2), dtype=torch.float32)
         # A row/column holds mask pixels iff its largest logit is > 0: reductions of the float
         # logits are much faster than of the boolean mask.

@@ -24,7 +24,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import Tensor, nn
 
-from ...layers.ms_deform_attn import MSDeformAttn
+from ...layers.ms_deform_attn import MSDeformAttn, ValueTable
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from .build import PIXEL_DECODER_REGISTRY
 
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 # The published checkpoints use this feed-forward width in the encoder, whatever
 # MODEL.MASK_FORMER.DIM_FEEDFORWARD says (that key sizes the transformer decoder).
 ENCODER_DIM_FEEDFORWARD = 1024
+# Positions per chunk of the encoder layers at inference (see the layer's forward).
+QUERY_CHUNK = 2048
 # The transformer decoder always reads the three coarsest outputs.
 NUM_DECODER_LEVELS = 3
 
@@ -87,10 +89,30 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         level_start_index: Tensor,
         padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        """src, pos: (B, S, C); reference_points: (B, S, L, 2). Returns (B, S, C)."""
-        attn = self.self_attn(
-            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
-        )
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2). Returns (B, S, C).
+
+        Every position is a query of the same value table, and everything after the value
+        projection is per position: without autograd, positions go through in chunks, so that
+        the intermediates (sampling rows and weights, the feed-forward hidden layer, ...) are a
+        few MB that stay in cache instead of ~100 MB tensors allocated for every layer.
+        """
+        values = self.self_attn.project_value(src, spatial_shapes, padding_mask)
+        s = src.shape[1]
+        step = s if torch.is_grad_enabled() else QUERY_CHUNK
+        if step >= s:
+            return self._forward_queries(src, pos, reference_points, values)
+        out = torch.empty_like(src)
+        for s0 in range(0, s, step):
+            part = slice(s0, s0 + step)
+            out[:, part] = self._forward_queries(
+                src[:, part], pos[:, part], reference_points[:, part], values
+            )
+        return out
+
+    def _forward_queries(
+        self, src: Tensor, pos: Tensor, reference_points: Tensor, values: ValueTable
+    ) -> Tensor:
+        attn = self.self_attn.attend(src + pos, reference_points, values)
         src = self.norm1(src + self.dropout1(attn))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
