@@ -92,11 +92,14 @@ def _bordered_table(value: Tensor, sizes: List[Tuple[int, int]]) -> Tensor:
     """(B, S, M, D) -> (B * T * M, D): every level gets a one-pixel zero border."""
     b, _, m, d = value.shape
     total = sum((h + 2) * (w + 2) for h, w in sizes)
-    table = value.new_zeros(b, total, m * d)
+    table = value.new_empty(b, total, m * d)
     offset, start = 0, 0
     for h, w in sizes:
         level = table[:, offset : offset + (h + 2) * (w + 2)].view(b, h + 2, w + 2, m * d)
         level[:, 1:-1, 1:-1] = value[:, start : start + h * w].reshape(b, h, w, m * d)
+        # Only the border is zeroed: filling the whole table first would write it twice.
+        level[:, 0::h + 1].zero_()
+        level[:, 1:-1, 0::w + 1].zero_()
         offset += (h + 2) * (w + 2)
         start += h * w
     return table.view(b * total * m, d)
@@ -151,10 +154,18 @@ def ms_deform_attn(
 
 
 def sample_value_table(
-    values: ValueTable, sampling_locations: Tensor, attention_weights: Tensor
+    values: ValueTable,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    locations_in_pixels: bool = False,
 ) -> Tensor:
     """:func:`ms_deform_attn` on a prepared :class:`ValueTable`: locations (B, Q, M, L, P, 2)
-    and weights (B, Q, M, L, P) -> (B, Q, M * D)."""
+    and weights (B, Q, M, L, P) -> (B, Q, M * D).
+
+    With ``locations_in_pixels``, locations are already ``loc * (W_l, H_l) + 0.5``: pixel
+    units of the bordered level, where pixel i spans [i + 0.5, i + 1.5) (callers that start
+    from pixel offsets save a division and a multiplication per sample)."""
     table, sizes, b, m, d = values
     shape = tuple(sampling_locations.shape)
     if len(shape) != 6 or (shape[0], shape[2], shape[3], shape[5]) != (b, m, len(sizes), 2):
@@ -204,7 +215,7 @@ def sample_value_table(
     attn = attention_weights.to(coord_dtype).reshape(b * q * m, k)
     # Position in the bordered level, in pixels: pixel i of the level is column i + 1, and
     # align_corners=False puts its centre at i + 0.5, hence loc * size + 0.5.
-    pos = torch.addcmul(torch.full_like(size, 0.5), loc, size)  # (N, K, 2)
+    pos = loc if locations_in_pixels else torch.addcmul(torch.full_like(size, 0.5), loc, size)
     with torch.no_grad():
         # Top-left corner. Unless it lies in [0, size], both corners are outside the bordered
         # level: the sample reads zeros, so it is dropped and its corner merely kept valid.
@@ -365,21 +376,27 @@ class MSDeformAttn(nn.Module):
         weights = F.softmax(weights, -1).view(b, q, m, num_levels, num_points)
 
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: divide by (W_l, H_l).
-            normalizer = torch.tensor(
+            # Offsets are in pixels of each level. The published code divides them by
+            # (W_l, H_l) and the sampler multiplies back; here the reference points go to
+            # pixels instead (B * Q * L points, not B * Q * M * L * P samples).
+            size = torch.tensor(
                 [(w, h) for h, w in values.sizes], dtype=offsets.dtype, device=offsets.device
             )  # (L, 2)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
-            )  # (B, Q, M, L, P, 2)
+            ref_pixels = torch.addcmul(torch.full_like(size, 0.5), reference_points, size)
+            # (B, Q, M, L, P, 2), added as (B * Q, M, L * P * 2) + (B * Q, 1, L * P * 2): a
+            # broadcast over few, contiguous dims is several times faster than over six.
+            ref_pixels = ref_pixels.view(b * q, 1, num_levels, 1, 2)
+            ref_pixels = ref_pixels.expand(-1, -1, -1, num_points, -1).reshape(b * q, 1, -1)
+            locations = (offsets.view(b * q, m, -1) + ref_pixels).view(offsets.shape)
+            out = sample_value_table(values, locations, weights, locations_in_pixels=True)
         else:
             # Offsets are relative to the box: P points span half its width and height.
             locations = (
                 reference_points[:, :, None, :, None, :2]
                 + offsets / num_points * reference_points[:, :, None, :, None, 2:] * 0.5
             )
-        return self.output_proj(sample_value_table(values, locations, weights))
+            out = sample_value_table(values, locations, weights)
+        return self.output_proj(out)
 
     def _check_forward_inputs(
         self,
