@@ -25,6 +25,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import Tensor, nn
 
 from ...layers.ms_deform_attn import MSDeformAttn, ValueTable
+from ...layers.pointwise_conv import pointwise_conv
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from .build import PIXEL_DECODER_REGISTRY
 
@@ -455,7 +456,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         srcs, pos = [], []
         for idx, name in enumerate(self.transformer_in_features[::-1]):  # coarsest first
             x = features[name].float()
-            srcs.append(self.input_proj[idx](x))
+            conv, norm = self.input_proj[idx]
+            srcs.append(norm(pointwise_conv(conv, x)))
             pos.append(self.pe_layer(x))
         memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)  # (B, S, C)
 
@@ -474,11 +476,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for name, lateral_conv, output_conv in zip(
             fine_names, self.lateral_convs, self.output_convs
         ):
-            lateral = lateral_conv(features[name].float())
+            lateral = pointwise_conv(lateral_conv, features[name].float())
             up = F.interpolate(
                 out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
             )
             out.append(output_conv(lateral + up))
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
-        return self.mask_features(out[-1]), out[0], multi_scale_features
+        return pointwise_conv(self.mask_features, out[-1]), out[0], multi_scale_features
