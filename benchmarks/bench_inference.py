@@ -140,7 +140,9 @@ def _run(cmd, name):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{name}: benchmark failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
 
 
 def _combine(runs):
@@ -148,7 +150,7 @@ def _combine(runs):
     out = dict(runs[0])
     for k, v in runs[0].items():
         if isinstance(v, float):
-            values = [r[k] for r in runs]
+            values = [r[k] for r in runs if k in r]
             out[k] = max(values) if k.startswith("peak") else min(values)
     return out
 

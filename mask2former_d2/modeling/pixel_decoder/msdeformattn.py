@@ -47,6 +47,11 @@ QUERY_CHUNK = 2048
 NUM_DECODER_LEVELS = 3
 
 
+def _relu_(x: Tensor) -> Tensor:
+    """In-place ReLU for the FPN convs: their input is a fresh GroupNorm output."""
+    return F.relu(x, inplace=True)
+
+
 class MSDeformAttnTransformerEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention, then a ReLU feed-forward block.
 
@@ -397,7 +402,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 padding=1,
                 bias=use_bias,
                 norm=get_norm(norm, conv_dim),
-                activation=F.relu,
+                activation=_relu_,
             )
             weight_init.c2_xavier_fill(lateral_conv)
             weight_init.c2_xavier_fill(output_conv)
@@ -480,7 +485,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             up = F.interpolate(
                 out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
             )
-            out.append(output_conv(lateral + up))
+            # In place: the GroupNorm output is not needed again (nor by its backward).
+            out.append(output_conv(lateral.add_(up)))
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
         return pointwise_conv(self.mask_features, out[-1]), out[0], multi_scale_features
