@@ -12,14 +12,18 @@ machine noise only adds time); peak RSS; parameters and GFLOPs (fvcore). With a 
 fp32 and fp16 (autocast).
 
     python benchmarks/bench_inference.py [--config FILE] [--size 800 1333] [--threads 2]
-        [--repeat 5] [--rounds 3 --reference-cmd "python my_published_harness.py"]
+        [--repeat 5] [--rounds 3 --save-weights W.pth
+        --reference-cmd "python my_published_harness.py --weights W.pth"]
 
 The published implementation's figures stated in the model issue (11.5 s/image, peak RSS
 4.2 GB; backbone 1.1 s, pixel decoder 5.0 s, transformer decoder 1.3 s, post-processing 4.5 s)
 are printed for reference, but this machine's speed drifts by tens of percent over a day, so
 the fair comparison is a same-machine one: ``--reference-cmd`` runs another implementation's
 measurement (a harness of your own that prints the same JSON keys; see README, "Speed")
-alternately with ours, ``--rounds`` times, and prints the per-stage ratios.
+alternately with ours, ``--rounds`` times, and prints the per-stage ratios. With
+``--save-weights W.pth`` our first run writes the exact weights it measured; a reference harness
+that loads W.pth computes the same outputs, and the last line compares digests of both
+(segments, instances, score and mask sums, mean of the semantic output).
 """
 import argparse
 import json
@@ -49,6 +53,10 @@ def _measure(args) -> dict:
     cfg = get_maskformer_cfg(args.config, ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    if args.weights:
+        from mask2former_d2.checkpoint import MaskFormerCheckpointer
+
+        MaskFormerCheckpointer(model).load(args.weights)
     with torch.no_grad():
         # Every query confidently "person" (a thing class): all kept by panoptic inference and
         # all used by instance inference, the slowest post-processing. (Random weights spread
@@ -85,10 +93,9 @@ def _measure(args) -> dict:
     runs = []
     with torch.no_grad(), autocast:
         warm = model(inputs)[0]  # warm-up
-    out_counts = {
-        "segments": len(warm["panoptic_seg"][1]) if "panoptic_seg" in warm else 0,
-        "instances": len(warm["instances"]) if "instances" in warm else 0,
-    }
+    out_counts = _digest(warm)
+    if args.save_weights:  # the weights measured here, for another implementation to load
+        torch.save({"model": model.state_dict()}, args.save_weights)
     with torch.no_grad(), autocast:
         for _ in range(args.repeat):
             times.clear()
@@ -114,6 +121,21 @@ def _measure(args) -> dict:
         flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         out["gflops"] = flops.total() / 1e9
         out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return out
+
+
+def _digest(output) -> dict:
+    """A few numbers that tell whether two implementations gave the same outputs."""
+    out = {"segments": 0, "instances": 0}
+    if "panoptic_seg" in output:
+        out["segments"] = len(output["panoptic_seg"][1])
+    if "instances" in output:
+        inst = output["instances"]
+        out["instances"] = len(inst)
+        out["instance_score_sum"] = float(inst.scores.sum())
+        out["instance_mask_pixels"] = int(inst.pred_masks.sum())
+    if "sem_seg" in output:
+        out["sem_seg_mean"] = float(output["sem_seg"].double().mean())
     return out
 
 
@@ -166,6 +188,12 @@ def main():
     ap.add_argument("--reference-cmd", default="",
                     help="a command that measures another implementation in the same setting and "
                     "prints, as its last line, a JSON object with the keys of this table")
+    ap.add_argument("--weights", default="",
+                    help="load these weights (Detectron2 checkpoint) instead of the seeded random "
+                    "initialisation; the class head is set as described above either way")
+    ap.add_argument("--save-weights", default="",
+                    help="write the weights measured (after the class-head setting) to this .pth, "
+                    "so that a --reference-cmd can load exactly the same model")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--half", action="store_true")
     ap.add_argument("--flops", action="store_true")
@@ -180,11 +208,13 @@ def main():
     def child(*extra):
         return [sys.executable, __file__, "--child", "--config", args.config,
                 "--size", *map(str, args.size), "--threads", str(args.threads),
-                "--repeat", str(args.repeat), *extra]
+                "--repeat", str(args.repeat), *(["--weights", args.weights] if args.weights else []),
+                *extra]
 
     ours, reference = [], []
     for i in range(args.rounds):  # alternate, so that both see the same machine
-        ours.append(_run(child("--device", "cpu", *(["--flops"] if i == 0 else [])), "cpu fp32"))
+        first = ["--flops", *(["--save-weights", args.save_weights] if args.save_weights else [])]
+        ours.append(_run(child("--device", "cpu", *(first if i == 0 else [])), "cpu fp32"))
         if args.reference_cmd:
             reference.append(_run(shlex.split(args.reference_cmd), "reference"))
     rows = [("mask2former_d2 (cpu fp32)", _combine(ours))]
@@ -214,6 +244,9 @@ def main():
         ratios = ", ".join(f"{c} {cpu[c] / ref[c] * 100:.0f}%" for c in cols[:5])
         print(f"vs the reference measured alternately on this machine: {ratios}; peak RSS "
               f"{cpu['peak_rss_gb']:.2f} GB vs {ref['peak_rss_gb']:.2f} GB")
+        digest = [k for k in ("segments", "instances", "instance_score_sum", "instance_mask_pixels",
+                              "sem_seg_mean") if k in ref]
+        print("outputs, ours vs reference: " + ", ".join(f"{k} {cpu.get(k)} vs {ref[k]}" for k in digest))
 
 
 if __name__ == "__main__":

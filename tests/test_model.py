@@ -59,6 +59,26 @@ class TestInference(unittest.TestCase):
             one = self.model(inputs[1:])
         torch.testing.assert_close(both[1]["sem_seg"], one[0]["sem_seg"], atol=1e-4, rtol=1e-4)
 
+    def test_channels_last_backbone_input_changes_nothing_but_speed(self):
+        """At CPU inference a ResNet gets its input channels-last; the outputs are those of the
+        NCHW input up to float rounding. Training keeps the input as it is."""
+        x = torch.randn(1, 3, 64, 96)
+        self.assertTrue(self.model._backbone_input(x).is_contiguous(memory_format=torch.channels_last))
+        self.assertIs(self.model.train()._backbone_input(x), x)
+        self.model.eval()
+        inputs = make_inputs([(75, 99)])
+        with torch.no_grad():
+            got = self.model(inputs)[0]
+            self.model._backbone_input = lambda t: t  # instance attribute: NCHW as given
+            try:
+                expected = self.model(inputs)[0]
+            finally:
+                del self.model._backbone_input
+        torch.testing.assert_close(got["sem_seg"], expected["sem_seg"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            got["instances"].scores, expected["instances"].scores, atol=1e-4, rtol=1e-4
+        )
+
     def test_semantic_only(self):
         model = build(
             "MODEL.MASK_FORMER.TEST.INSTANCE_ON", False, "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", False

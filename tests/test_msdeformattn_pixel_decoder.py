@@ -147,6 +147,24 @@ class TestMSDeformAttnPixelDecoder(unittest.TestCase):
         finally:
             msdeformattn.QUERY_CHUNK = saved
 
+    def test_channels_last_features_give_the_same_outputs(self):
+        """Channels-last backbone maps (a ResNet at CPU inference) keep the FPN channels-last,
+        with the same values as NCHW maps."""
+        decoder = build_pixel_decoder(make_cfg(), input_shape()).eval()
+        for b in (1, 2):
+            features = make_features(200, 249, b=b)
+            nhwc = {k: v.contiguous(memory_format=torch.channels_last) for k, v in features.items()}
+            with torch.no_grad():
+                expected = decoder.forward_features(features)
+                got = decoder.forward_features(nhwc)
+            self.assertTrue(expected[0].is_contiguous())
+            if b == 1:
+                self.assertTrue(got[0].is_contiguous(memory_format=torch.channels_last))
+                self.assertFalse(got[0].is_contiguous())
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-4)
+            for g, e in zip(got[2], expected[2]):
+                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
     def test_every_param_gets_grad(self):
         decoder = build_pixel_decoder(make_cfg(), input_shape())
         decoder.train()

@@ -40,6 +40,17 @@ class TestPointwiseConv(unittest.TestCase):
         torch.testing.assert_close(grad_x, x.grad)
         torch.testing.assert_close(grad_w, conv.weight.grad)
 
+    def test_output_layout_follows_the_input(self):
+        conv = Conv2d(12, 8, 1, bias=True)
+        for b in (1, 3):
+            x = torch.randn(b, 12, 7, 9)
+            self.assertTrue(self.check(conv, x).is_contiguous())
+            got = self.check(conv, x.contiguous(memory_format=torch.channels_last))
+            self.assertTrue(got.is_contiguous(memory_format=torch.channels_last))
+            self.assertFalse(got.is_contiguous())
+        # Neither layout (a transposed view): made contiguous first, same values.
+        self.check(conv, torch.randn(2, 12, 9, 7).transpose(2, 3))
+
     def test_other_convolutions_run_themselves(self):
         for conv in (nn.Conv2d(12, 5, 3, padding=1), nn.Conv2d(12, 5, 1, stride=2),
                      nn.Conv2d(12, 6, 1, groups=2)):

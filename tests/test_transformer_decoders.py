@@ -359,6 +359,17 @@ class TestMultiScaleMaskedTransformerDecoder(unittest.TestCase):
             evaluated["pred_logits"], trained["pred_logits"], atol=1e-4, rtol=1e-4
         )
 
+    def test_channels_last_mask_features(self):
+        """Channels-last mask features (a ResNet at CPU inference) give the same predictions."""
+        torch.manual_seed(3)
+        dec = _mask2former(num_layers=5).eval()
+        x, mf = _inputs(seed=4)
+        with torch.no_grad():
+            expected = dec(x, mf)
+            got = dec(x, mf.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got["pred_masks"], expected["pred_masks"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], atol=1e-4, rtol=1e-4)
+
     def test_query_predicting_nothing_attends_everywhere(self):
         # With mask_embed's last layer fixed to a constant vector, every query predicts the
         # same sign everywhere (mask features are positive). All-negative masks block whole

@@ -1,16 +1,20 @@
 """1x1 convolutions as matrix products on the CPU."""
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = ["pointwise_conv"]
 
 
 def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(x)`` for a 1x1, stride-1, unpadded, ungrouped convolution, computed on the CPU as
-    one matrix product per image: (C_out, C_in) @ (C_in, H * W). At the FPN's stride-4 sizes
-    that is 30-40% faster than oneDNN's convolution (which also goes through a layout
-    conversion); other devices and other convolutions run ``conv`` itself. A Detectron2
-    ``Conv2d``'s ``norm`` and ``activation`` are applied as its forward would."""
+    matrix products. A (B, C, H, W) NCHW input is one product per image,
+    (C_out, C_in) @ (C_in, H * W), bias added by the same BLAS call; a channels-last input is
+    one product over all pixels, (B * H * W, C_in) @ (C_in, C_out), and its output stays
+    channels-last. At the FPN's stride-4 sizes that is 30-40% faster than oneDNN's convolution
+    (which also goes through a layout conversion); other devices and other convolutions run
+    ``conv`` itself. A Detectron2 ``Conv2d``'s ``norm`` and ``activation`` are applied as its
+    forward would."""
     plain = (
         x.device.type == "cpu"
         and x.dim() == 4
@@ -26,10 +30,18 @@ def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     if not plain:
         return conv(x)
     b, c, h, w = x.shape
-    y = torch.matmul(conv.weight.view(conv.out_channels, c), x.reshape(b, c, h * w))
-    if conv.bias is not None:
-        y = y.add_(conv.bias.view(-1, 1))
-    y = y.view(b, conv.out_channels, h, w)
+    weight = conv.weight.view(conv.out_channels, c)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+    else:
+        # Image by image: a 2-d @ 3-d matmul would first copy the input transposed.
+        x = x.contiguous()
+        per_image = [
+            torch.mm(weight, xi.view(c, h * w)) if conv.bias is None
+            else torch.addmm(conv.bias.view(-1, 1), weight, xi.view(c, h * w))
+            for xi in x
+        ]
+        y = per_image[0].view(1, -1, h, w) if b == 1 else torch.stack(per_image).view(b, -1, h, w)
     norm = getattr(conv, "norm", None)
     if norm is not None:
         y = norm(y)

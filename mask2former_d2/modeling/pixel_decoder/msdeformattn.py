@@ -466,18 +466,24 @@ class MSDeformAttnPixelDecoder(nn.Module):
             pos.append(self.pe_layer(x))
         memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)  # (B, S, C)
 
-        b = memory.shape[0]
+        b, c = memory.shape[0], memory.shape[2]
         sizes = spatial_shapes.tolist()
         levels = torch.split(memory, [h * w for h, w in sizes], dim=1)
-        # (B, H_l*W_l, C) -> (B, C, H_l, W_l). Made contiguous here, at the encoder's small
-        # resolutions: channels-last views would make the upsampled FPN map channels-last too,
-        # and converting that large map costs far more.
-        out = [
-            z.transpose(1, 2).reshape(b, -1, h, w).contiguous() for z, (h, w) in zip(levels, sizes)
-        ]
+        # (B, H_l*W_l, C) -> (B, C, H_l, W_l), in the layout of the finest FPN input: the
+        # upsampled maps and the FPN's additions follow it, and converting a stride-4 map
+        # between layouts costs far more than anything at the encoder's resolutions. A
+        # channels-last (B, C, H, W) is a free view of the encoder's output.
+        fine_names = self.in_features[: self.num_fpn_levels][::-1]
+        finest = features[fine_names[-1]] if fine_names else None
+        if finest is not None and _is_channels_last(finest):
+            out = [z.view(b, h, w, c).permute(0, 3, 1, 2) for z, (h, w) in zip(levels, sizes)]
+        else:
+            out = [
+                z.transpose(1, 2).reshape(b, -1, h, w).contiguous()
+                for z, (h, w) in zip(levels, sizes)
+            ]
 
         # Top-down FPN over the finer inputs (coarse to fine).
-        fine_names = self.in_features[: self.num_fpn_levels][::-1]
         for name, lateral_conv, output_conv in zip(
             fine_names, self.lateral_convs, self.output_convs
         ):
@@ -490,3 +496,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
         return pointwise_conv(self.mask_features, out[-1]), out[0], multi_scale_features
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` (B, C, H, W) is laid out channels-last (and not also plainly contiguous,
+    as a 1x1 map or a single channel would be)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

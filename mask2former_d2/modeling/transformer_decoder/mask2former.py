@@ -274,6 +274,9 @@ def _resize_per_channel(x: Tensor, size: Tuple[int, int]) -> Tensor:
     ``F.interpolate(x, size)`` (up to rounding) without the full-size layout copy the CPU
     kernel makes for many-channel inputs.
     """
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # Channels-last is the layout the CPU kernel wants: no copy to avoid.
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     b, e = x.shape[:2]
     flat = x.reshape(b * e, 1, x.shape[-2], x.shape[-1])  # (B*E, 1, H, W)
     out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
