@@ -180,8 +180,12 @@ class TestBandedMasks(unittest.TestCase):
         self.low = torch.randn(self.q, 16, 24, generator=g) * 6  # padded 64x96 at stride 4
 
     def bands(self, rows: MaskLogitRows, step: int):
+        """The bands (rows, W, Q) stacked back into (Q, H, W)."""
         h = rows.shape[1]
-        return torch.cat([rows.rows(r0, min(h, r0 + step)) for r0 in range(0, h, step)], dim=1)
+        bands = [rows.rows(r0, min(h, r0 + step)) for r0 in range(0, h, step)]
+        for band in bands:
+            self.assertEqual(band.shape[1:], (rows.shape[2], rows.shape[0]))
+        return torch.cat(bands, dim=0).permute(2, 0, 1)
 
     def test_same_size_matches(self):
         for image_size in [(64, 96), (61, 90), (33, 17), (1, 1)]:
