@@ -15,8 +15,9 @@ queries; the published code makes several of them per image (upsampled logits, s
 weighted probabilities, gathered copies), and at that size the page faults of fresh allocations
 cost as much as the arithmetic. Bands of a few MB stay in the allocator and in cache.
 
-Every step is a tensor operation over all queries at once; the only Python loop runs over the
-few kept panoptic segments, on values already moved to the host.
+Every step is a tensor operation over all queries at once. Python loops run over bands and
+pixel blocks, over the few kept panoptic segments (on values already moved to the host) and, on
+the CPU only, over the instance masks to copy them in score order; none syncs a device.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
