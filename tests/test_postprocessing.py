@@ -250,6 +250,29 @@ class TestBandedMasks(unittest.TestCase):
             torch.testing.assert_close(got["instances"].pred_boxes.tensor,
                                        masks_to_boxes(inst.pred_masks))
 
+    def test_semantic_pixel_blocks_and_band_layout(self):
+        """The semantic product runs in pixel blocks inside a band (here 2 rows of a 5-row
+        band); blocks and bands tile the output exactly, with the same values as one product."""
+        g = torch.Generator().manual_seed(4)
+        mask_cls = torch.randn(self.q, 7, generator=g)
+        full = full_resolution(self.low, (64, 96), (61, 90), (61, 90))
+        expected = torch.einsum("qk,qhw->khw", mask_cls.softmax(-1)[:, :-1], full.sigmoid())
+        saved = dict(postprocessing._SEMANTIC_PIXELS)
+        try:
+            postprocessing._SEMANTIC_PIXELS["cpu"] = 2 * 90
+            with SmallBands(self.q * 90 * 5):
+                got = postprocess_masks(
+                    mask_cls, MaskLogitRows(self.low, (64, 96), (61, 90), (61, 90)), semantic=True
+                )["sem_seg"]
+        finally:
+            postprocessing._SEMANTIC_PIXELS.clear()
+            postprocessing._SEMANTIC_PIXELS.update(saved)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        # Bands are query-last views; the whole-tensor source gives the same layout.
+        band = MaskLogitRows(self.low, (64, 96), (61, 90), (61, 90)).rows(3, 8)
+        self.assertEqual(tuple(band.shape), (5, 90, self.q))
+        torch.testing.assert_close(band, full[:, 3:8].permute(1, 2, 0), rtol=1e-6, atol=4e-6)
+
     def test_bands_match_whole_tensor_reference_loops(self):
         """The reference loops of TestPostprocessing, with bands of one row."""
         g = torch.Generator().manual_seed(3)
