@@ -170,6 +170,26 @@ class SmallBands:
         postprocessing._BAND_ELEMENTS.update(self.saved)
 
 
+class TestTakeMasks(unittest.TestCase):
+    """Instance masks are put in score order plane by plane, in place for a permutation."""
+
+    def test_permutations_and_repeats(self):
+        from mask2former_d2.modeling.postprocessing import _take_masks
+
+        g = torch.Generator().manual_seed(5)
+        for n in (1, 2, 5, 17):
+            x = torch.rand(n, 3, 4, generator=g) > 0.5
+            for _ in range(10):
+                perm = torch.randperm(n, generator=g)
+                self.assertTrue(torch.equal(_take_masks(x.clone(), perm), x[perm]))
+                # A query used by several (query, class) pairs: not a permutation.
+                index = torch.randint(0, n, (n + 2,), generator=g)
+                self.assertTrue(torch.equal(_take_masks(x.clone(), index), x[index]))
+        fresh = torch.rand(4, 3, 4, generator=g) > 0.5
+        self.assertTrue(torch.equal(_take_masks(fresh.clone(), torch.tensor([3, 0, 2, 1])),
+                                    fresh[[3, 0, 2, 1]]))
+
+
 class TestBandedMasks(unittest.TestCase):
     """Full-resolution logits are made a band of rows at a time; they must equal the
     whole-image resize of the published order."""
