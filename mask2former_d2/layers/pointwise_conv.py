@@ -3,7 +3,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["pointwise_conv"]
+__all__ = ["is_channels_last", "pointwise_conv"]
 
 
 def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
         return conv(x)
     b, c, h, w = x.shape
     weight = conv.weight.view(conv.out_channels, c)
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         y = F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
     else:
         # Image by image: a 2-d @ 3-d matmul would first copy the input transposed.
@@ -55,3 +55,13 @@ def _d2_conv_forward():
     from detectron2.layers import Conv2d
 
     return Conv2d.forward
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether a 4-d ``x`` is laid out channels-last and not also plainly contiguous (as a 1x1
+    map or a single channel would be): the layout a ResNet's features have at CPU inference."""
+    return (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    )

@@ -25,7 +25,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import Tensor, nn
 
 from ...layers.ms_deform_attn import MSDeformAttn, ValueTable
-from ...layers.pointwise_conv import pointwise_conv
+from ...layers.pointwise_conv import is_channels_last, pointwise_conv
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from .build import PIXEL_DECODER_REGISTRY
 
@@ -475,7 +475,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # channels-last (B, C, H, W) is a free view of the encoder's output.
         fine_names = self.in_features[: self.num_fpn_levels][::-1]
         finest = features[fine_names[-1]] if fine_names else None
-        if finest is not None and _is_channels_last(finest):
+        if finest is not None and is_channels_last(finest):
             out = [z.view(b, h, w, c).permute(0, 3, 1, 2) for z, (h, w) in zip(levels, sizes)]
         else:
             out = [
@@ -496,9 +496,3 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
         return pointwise_conv(self.mask_features, out[-1]), out[0], multi_scale_features
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    """Whether ``x`` (B, C, H, W) is laid out channels-last (and not also plainly contiguous,
-    as a 1x1 map or a single channel would be)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

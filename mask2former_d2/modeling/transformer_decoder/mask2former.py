@@ -18,6 +18,7 @@ from detectron2.layers import Conv2d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ...layers.pointwise_conv import is_channels_last
 from .build import TRANSFORMER_DECODER_REGISTRY
 from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, aux_predictions
 from .position_encoding import PositionEmbeddingSine
@@ -274,7 +275,7 @@ def _resize_per_channel(x: Tensor, size: Tuple[int, int]) -> Tensor:
     ``F.interpolate(x, size)`` (up to rounding) without the full-size layout copy the CPU
     kernel makes for many-channel inputs.
     """
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         # Channels-last is the layout the CPU kernel wants: no copy to avoid.
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     b, e = x.shape[:2]
