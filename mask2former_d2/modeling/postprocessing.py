@@ -105,9 +105,10 @@ class MaskLogitRows:
         self._factor = factor if factor > 0 and factor & (factor - 1) == 0 else 0
         self._full: Optional[Tensor] = None
         if not self._factor:
-            self._full = _query_last(
-                F.interpolate(self._low, size=self.padded_size, mode="bilinear", align_corners=False)
-            )  # (Hp, Wp, Q)
+            full = F.interpolate(
+                self._low, size=self.padded_size, mode="bilinear", align_corners=False
+            )
+            self._full = _query_last(full)  # (Hp, Wp, Q)
         h, w = self.image_size
         out_h, out_w = self.shape[1:]
         self._rows = _linear_taps(h, out_h, low.device) if h != out_h else None
