@@ -10,4 +10,5 @@ quickstart: setup
 	$(PY) tools/quickstart.py --output output/quickstart
 
 test: setup
+	.venv/bin/ruff check .
 	M2F_SLOW=1 $(PY) -m pytest tests -q -ra --durations=10

@@ -39,8 +39,6 @@ def _peak_rss_mib() -> float:
 
 def run_one(loss_type: str, size: int, queries: int, targets: int, device: str) -> Dict:
     """One measurement, inside the worker process."""
-    if _REPO not in sys.path:
-        sys.path.append(_REPO)  # an installed or PYTHONPATH copy takes precedence
     from mask2former_d2.modeling.criterion import SetCriterion
     from mask2former_d2.modeling.matcher import HungarianMatcher
 

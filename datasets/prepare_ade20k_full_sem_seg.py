@@ -13,12 +13,9 @@ Usage: python datasets/prepare_ade20k_full_sem_seg.py [--root $DETECTRON2_DATASE
 """
 
 import argparse
-import importlib.util
 import logging
 import os
 import shutil
-import sys
-from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import cv2
@@ -26,13 +23,11 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-if "mask2former_d2" not in sys.modules and importlib.util.find_spec("mask2former_d2") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mask2former_d2.data.datasets.ade20k_full import (  # noqa: E402
+from mask2former_d2.data.datasets.ade20k_full import (
     ADE20K_FULL_CATEGORIES,
     ADE20K_FULL_IGNORE_LABEL,
 )
-from mask2former_d2.data.datasets.prepare_utils import save_image_atomic  # noqa: E402
+from mask2former_d2.data.datasets.prepare_utils import save_image_atomic
 
 logger = logging.getLogger("prepare_ade20k_full_sem_seg")
 

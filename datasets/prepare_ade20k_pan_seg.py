@@ -19,24 +19,19 @@ Usage: python datasets/prepare_ade20k_pan_seg.py [--root $DETECTRON2_DATASETS]
 
 import argparse
 import glob
-import importlib.util
 import logging
 import os
-import sys
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import tqdm
 from PIL import Image
 
-if "mask2former_d2" not in sys.modules and importlib.util.find_spec("mask2former_d2") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mask2former_d2.data.datasets.ade20k import (  # noqa: E402
+from mask2former_d2.data.datasets.ade20k import (
     ADE20K_150_CATEGORIES,
     ADE20K_THING_IDS,
 )
-from mask2former_d2.data.datasets.prepare_utils import (  # noqa: E402
+from mask2former_d2.data.datasets.prepare_utils import (
     bbox_xywh,
     id2rgb,
     rgb2id,

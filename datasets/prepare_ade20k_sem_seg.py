@@ -10,20 +10,15 @@ Usage: python datasets/prepare_ade20k_sem_seg.py [--root $DETECTRON2_DATASETS]
 """
 
 import argparse
-import importlib.util
 import logging
 import os
-import sys
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import tqdm
 from PIL import Image
 
-if "mask2former_d2" not in sys.modules and importlib.util.find_spec("mask2former_d2") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mask2former_d2.data.datasets.prepare_utils import save_image_atomic  # noqa: E402
+from mask2former_d2.data.datasets.prepare_utils import save_image_atomic
 
 logger = logging.getLogger("prepare_ade20k_sem_seg")
 

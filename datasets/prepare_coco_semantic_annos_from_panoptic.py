@@ -13,24 +13,18 @@ Usage: python datasets/prepare_coco_semantic_annos_from_panoptic.py [--root DIR]
 
 import argparse
 import functools
-import importlib.util
 import json
 import logging
 import multiprocessing as mp
 import os
-import sys
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tqdm
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from PIL import Image
 
-if "mask2former_d2" not in sys.modules and importlib.util.find_spec("mask2former_d2") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES  # noqa: E402
-
-from mask2former_d2.data.datasets.prepare_utils import rgb2id, save_image_atomic  # noqa: E402
+from mask2former_d2.data.datasets.prepare_utils import rgb2id, save_image_atomic
 
 logger = logging.getLogger("prepare_coco_semantic_annos_from_panoptic")
 

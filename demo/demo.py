@@ -26,18 +26,12 @@ import numpy as np
 import torch
 import tqdm
 import yaml
+from detectron2.config import CfgNode
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
 
-# Lets the script run from a checkout without installing the package.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-from detectron2.config import CfgNode  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-
-from mask2former_d2 import get_maskformer_cfg  # noqa: E402
-from mask2former_d2.predictor import VisualizationDemo  # noqa: E402
+from mask2former_d2 import get_maskformer_cfg
+from mask2former_d2.predictor import VisualizationDemo
 
 logger = logging.getLogger("mask2former_d2.demo")
 

@@ -3,8 +3,10 @@
 Importing the package registers the meta-architecture, backbones, heads, pixel and
 transformer decoders, dataset mappers and datasets with Detectron2.
 """
-from . import data  # noqa: F401  (registers datasets)
-from . import modeling  # noqa: F401  (registers models)
+from . import (
+    data,  # noqa: F401  (registers datasets)
+    modeling,  # noqa: F401  (registers models)
+)
 from .config import add_maskformer2_config, get_maskformer_cfg
 
 __all__ = ["add_maskformer2_config", "get_maskformer_cfg"]

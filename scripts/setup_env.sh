@@ -54,6 +54,12 @@ if ! have detectron2 detectron2.projects.deeplab; then
   fi
 fi
 
+# The linter that `make test` runs first (pinned: a newer ruff may add findings).
+if [ "$("$VENV/bin/ruff" --version 2>/dev/null)" != "ruff 0.17.6" ]; then
+  log "installing ruff 0.17.6"
+  $PIP install "ruff==0.17.6"
+fi
+
 if ! have panopticapi; then
   log "installing panopticapi"
   $PIP install --no-deps panopticapi-lite

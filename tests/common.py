@@ -50,7 +50,8 @@ def make_inputs(
             n = 3
             masks = torch.zeros(n, h, w, dtype=torch.bool)
             for j in range(n):
-                y0, x0 = int(torch.randint(0, h // 2, (1,), generator=g)), int(torch.randint(0, w // 2, (1,), generator=g))
+                y0 = int(torch.randint(0, h // 2, (1,), generator=g))
+                x0 = int(torch.randint(0, w // 2, (1,), generator=g))
                 masks[j, y0 : y0 + h // 3, x0 : x0 + w // 3] = True
             inst.gt_masks = masks
             inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)

@@ -9,10 +9,9 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
+from torch import nn
 
 from mask2former_d2.config import add_maskformer2_config
 from mask2former_d2.modeling import criterion as criterion_module

@@ -9,7 +9,6 @@ import unittest
 
 import torch
 import torch.nn.functional as F
-
 from detectron2.projects.point_rend.point_features import point_sample
 
 from mask2former_d2.modeling.matcher import (

@@ -204,7 +204,8 @@ class TestErrors(unittest.TestCase):
             build("MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res9")
 
     def test_unknown_config_key(self):
-        with self.assertRaisesRegex(KeyError, "unknown config key MODEL.MASK_FORMER.NUM_QUERIES; did you mean MODEL.MASK_FORMER.NUM_OBJECT_QUERIES"):
+        msg = "unknown config key MODEL.MASK_FORMER.NUM_QUERIES; did you mean MODEL.MASK_FORMER.NUM_OBJECT_QUERIES"
+        with self.assertRaisesRegex(KeyError, msg):
             tiny_cfg("MODEL.MASK_FORMER.NUM_QUERIES", 1)
 
     def test_unknown_key_in_file(self):
@@ -212,7 +213,9 @@ class TestErrors(unittest.TestCase):
             path = os.path.join(d, "bad.yaml")
             with open(path, "w") as f:
                 f.write("MODEL:\n  MASK_FORMER:\n    DEC_LAYER: 3\n")
-            with self.assertRaisesRegex(KeyError, r"bad\.yaml: unknown config key MODEL\.MASK_FORMER\.DEC_LAYER; did you mean MODEL\.MASK_FORMER\.DEC_LAYERS"):
+            msg = (r"bad\.yaml: unknown config key MODEL\.MASK_FORMER\.DEC_LAYER; "
+                   r"did you mean MODEL\.MASK_FORMER\.DEC_LAYERS")
+            with self.assertRaisesRegex(KeyError, msg):
                 get_maskformer_cfg(path)
 
     def test_no_output_enabled(self):

@@ -2,9 +2,8 @@
 import unittest
 
 import torch
-from torch.nn import functional as F
-
 from detectron2.modeling.postprocessing import sem_seg_postprocess
+from torch.nn import functional as F
 
 from mask2former_d2.modeling import postprocessing
 from mask2former_d2.modeling.postprocessing import (

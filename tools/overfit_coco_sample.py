@@ -16,15 +16,13 @@ import os
 import sys
 import time
 
+from detectron2.data.datasets import register_coco_panoptic
+from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+from detectron2.utils.logger import setup_logger
+
+from mask2former_d2 import get_maskformer_cfg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from detectron2.data.datasets import register_coco_panoptic  # noqa: E402
-from detectron2.data.datasets.builtin_meta import _get_builtin_metadata  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-
-from mask2former_d2 import get_maskformer_cfg  # noqa: E402
-
 CONFIG = os.path.join(ROOT, "configs", "quickstart", "maskformer2_R18_tiny_coco_panoptic.yaml")
 
 
@@ -77,7 +75,7 @@ def main(argv=None) -> int:
     ] + list(args.opts)
     cfg = get_maskformer_cfg(CONFIG, opts)
     cfg.freeze()
-    from train_net import Trainer
+    from mask2former_d2.engine import Trainer
 
     t0 = time.perf_counter()
     if args.eval_only:

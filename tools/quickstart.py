@@ -15,17 +15,15 @@ import os
 import sys
 import time
 
+import cv2
+import torch
+from detectron2.utils.logger import setup_logger
+
+from mask2former_d2 import get_maskformer_cfg
+from mask2former_d2.data.toy import make_toy_panoptic_dataset, register_toy_panoptic
+from mask2former_d2.predictor import VisualizationDemo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # train_net.py lives at the repository root
-
-import cv2  # noqa: E402
-import torch  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-
-from mask2former_d2 import get_maskformer_cfg  # noqa: E402
-from mask2former_d2.data.toy import make_toy_panoptic_dataset, register_toy_panoptic  # noqa: E402
-from mask2former_d2.predictor import VisualizationDemo  # noqa: E402
-
 CONFIG = os.path.join(ROOT, "configs", "quickstart", "maskformer2_R18_tiny_coco_panoptic.yaml")
 
 
@@ -62,7 +60,7 @@ def main(argv=None) -> int:
     setup_logger(output=os.path.join(args.output, "log.txt"))
     setup_logger(name="mask2former_d2")
     log = logging.getLogger("quickstart")
-    from train_net import Trainer
+    from mask2former_d2.engine import Trainer
 
     t0 = time.perf_counter()
     make_toy_panoptic_dataset(os.path.join(args.output, "toy_dataset"))

@@ -1,7 +1,9 @@
 """Model components; importing this module registers them with Detectron2."""
-from . import backbone  # noqa: F401  (registers D2SwinTransformer)
-from . import pixel_decoder  # noqa: F401
-from . import transformer_decoder  # noqa: F401
+from . import (
+    backbone,  # noqa: F401  (registers D2SwinTransformer)
+    pixel_decoder,  # noqa: F401
+    transformer_decoder,  # noqa: F401
+)
 from .head import MaskFormerHead
 from .meta_arch import MaskFormer
 

@@ -23,14 +23,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from detectron2.config import CfgNode, configurable
 from detectron2.projects.point_rend.point_features import (
     get_uncertain_point_coords_with_randomness,
     point_sample,
 )
 from detectron2.utils import comm
+from torch import Tensor, nn
 
 from .matcher import HungarianMatcher, batch_mask_size, pad_masks
 

@@ -19,10 +19,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-
-from detectron2.projects.point_rend.point_features import point_sample
 
 __all__ = [
     "HungarianMatcher",

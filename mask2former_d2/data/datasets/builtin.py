@@ -7,12 +7,12 @@ needs nothing here: Detectron2's built-in ``cityscapes_fine_*`` sets are used as
 
 import os
 
+from ..toy import register_toy_panoptic
 from .ade20k import register_all_ade20k
 from .ade20k_full import register_all_ade20k_full
 from .coco import register_all_coco
 from .mapillary_vistas import register_all_mapillary_vistas
 from .utils import datasets_root
-from ..toy import register_toy_panoptic
 
 __all__ = ["register_all"]
 

@@ -1,0 +1,13 @@
+"""The training engine: Detectron2's ``DefaultTrainer`` with this project's ``build_*`` methods.
+
+``train_net.py`` (and any script that trains or evaluates) wires it up in a few lines::
+
+    from mask2former_d2.engine import Trainer, default_argument_parser, launch_main
+    launch_main(default_argument_parser().parse_args(), Trainer)
+"""
+from detectron2.engine import default_argument_parser
+
+from .launch import launch_main, main, setup
+from .trainer import Trainer
+
+__all__ = ["Trainer", "default_argument_parser", "launch_main", "main", "setup"]
