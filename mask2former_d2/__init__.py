@@ -7,7 +7,7 @@ from . import (
     data,  # noqa: F401  (registers datasets)
     modeling,  # noqa: F401  (registers models)
 )
-from .config import add_maskformer2_config, get_maskformer_cfg
+from .config import add_maskformer2_config, add_maskformer2_video_config, get_maskformer_cfg
 
-__all__ = ["add_maskformer2_config", "get_maskformer_cfg"]
+__all__ = ["add_maskformer2_config", "add_maskformer2_video_config", "get_maskformer_cfg"]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ published default, so published YAML files merge unchanged (after Detectron2's
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_maskformer2_config", "get_maskformer_cfg"]
+__all__ = ["add_maskformer2_config", "add_maskformer2_video_config", "get_maskformer_cfg"]
 
 
 def add_maskformer2_config(cfg: CN) -> None:
@@ -113,6 +113,17 @@ def add_maskformer2_config(cfg: CN) -> None:
     swin.USE_CHECKPOINT = False
 
 
+def add_maskformer2_video_config(cfg: CN) -> None:
+    """Adds the keys of the video model (Mask2Former-VIS) to ``cfg`` in place."""
+    # Training clips: SAMPLING_FRAME_NUM frames within +-SAMPLING_FRAME_RANGE of a random
+    # reference frame, in temporal order unless SAMPLING_FRAME_SHUFFLE.
+    cfg.INPUT.SAMPLING_FRAME_NUM = 2
+    cfg.INPUT.SAMPLING_FRAME_RANGE = 20
+    cfg.INPUT.SAMPLING_FRAME_SHUFFLE = False
+    # Extra clip-consistent augmentations: any of "brightness", "contrast", "saturation", "rotation".
+    cfg.INPUT.AUGMENTATIONS = []
+
+
 def _all_keys(node: CN, prefix: str = "") -> list:
     keys = []
     for k, v in node.items():
@@ -130,7 +141,8 @@ def _unknown_key_error(cfg: CN, key: str, source: str) -> KeyError:
 
 
 def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
-    """Detectron2's defaults + DeepLab's + :func:`add_maskformer2_config`, then ``config_file``
+    """Detectron2's defaults + DeepLab's + :func:`add_maskformer2_config` +
+    :func:`add_maskformer2_video_config`, then ``config_file``
     and ``opts`` (``[KEY, VALUE, ...]``) merged in. Unknown keys raise ``KeyError`` naming the key,
     where it came from and the closest known keys."""
     import os
@@ -142,6 +154,7 @@ def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
     cfg = get_cfg()
     add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
+    add_maskformer2_video_config(cfg)
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file not found: {config_file}")
