@@ -12,8 +12,6 @@ skipped unless ``--overwrite``.
 Usage: python datasets/prepare_ade20k_full_sem_seg.py [--root $DETECTRON2_DATASETS]
 """
 
-import argparse
-import logging
 import os
 import shutil
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -27,9 +25,7 @@ from mask2former_d2.data.datasets.ade20k_full import (
     ADE20K_FULL_CATEGORIES,
     ADE20K_FULL_IGNORE_LABEL,
 )
-from mask2former_d2.data.datasets.prepare_utils import save_image_atomic
-
-logger = logging.getLogger("prepare_ade20k_full_sem_seg")
+from mask2former_d2.data.datasets.prepare_utils import convert_splits, run_script, save_image_atomic, script_parser
 
 SPLITS = ("training", "validation")
 MAX_SHORT_SIDE = 512
@@ -113,24 +109,10 @@ def convert_split(ade_root: str, split: str, overwrite: bool = False) -> Tuple[i
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--root",
-        default=os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")),
-        help="directory holding ADE20K_2021_17_01/ (default: $DETECTRON2_DATASETS or ./datasets)",
-    )
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    parser.add_argument("--overwrite", action="store_true", help="rewrite existing outputs")
-    args = parser.parse_args(argv)
+    args = script_parser(__doc__, "ADE20K_2021_17_01", SPLITS).parse_args(argv)
     ade_root = os.path.join(args.root, "ADE20K_2021_17_01")
-    results = []
-    for split in args.splits:
-        written, skipped = convert_split(ade_root, split, args.overwrite)
-        logger.info("%s: wrote %d, kept %d existing", split, written, skipped)
-        results.append((written, skipped))
-    return results
+    return convert_splits(args.splits, lambda split: convert_split(ade_root, split, args.overwrite))
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    run_script(main)

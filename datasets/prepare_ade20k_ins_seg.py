@@ -12,7 +12,6 @@ dataset ids (the ids of ``ade20k_panoptic_*``) and whose names are those of
 Usage: python datasets/prepare_ade20k_ins_seg.py [--root $DETECTRON2_DATASETS]
 """
 
-import argparse
 import glob
 import logging
 import os
@@ -27,7 +26,7 @@ from mask2former_d2.data.datasets.ade20k import (
     ADE20K_INSTANCE_CLASSES,
     ADE20K_THING_IDS,
 )
-from mask2former_d2.data.datasets.prepare_utils import bbox_xywh, save_json_atomic
+from mask2former_d2.data.datasets.prepare_utils import bbox_xywh, run_script, save_json_atomic, script_parser
 
 logger = logging.getLogger("prepare_ade20k_ins_seg")
 
@@ -106,19 +105,10 @@ def convert_split(base: str, split: str, overwrite: bool = False) -> Optional[st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Optional[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--root",
-        default=os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")),
-        help="directory holding ADEChallengeData2016/ (default: $DETECTRON2_DATASETS, ./datasets)",
-    )
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
-    parser.add_argument("--overwrite", action="store_true", help="rebuild existing outputs")
-    args = parser.parse_args(argv)
+    args = script_parser(__doc__, "ADEChallengeData2016", list(SPLITS)).parse_args(argv)
     base = os.path.join(args.root, "ADEChallengeData2016")
     return [convert_split(base, split, args.overwrite) for split in args.splits]
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    run_script(main)

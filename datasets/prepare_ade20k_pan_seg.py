@@ -17,7 +17,6 @@ split, existing PNGs are reused.
 Usage: python datasets/prepare_ade20k_pan_seg.py [--root $DETECTRON2_DATASETS]
 """
 
-import argparse
 import glob
 import logging
 import os
@@ -35,8 +34,10 @@ from mask2former_d2.data.datasets.prepare_utils import (
     bbox_xywh,
     id2rgb,
     rgb2id,
+    run_script,
     save_image_atomic,
     save_json_atomic,
+    script_parser,
 )
 
 logger = logging.getLogger("prepare_ade20k_pan_seg")
@@ -155,19 +156,10 @@ def convert_split(base: str, split: str, overwrite: bool = False) -> Optional[st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Optional[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--root",
-        default=os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")),
-        help="directory holding ADEChallengeData2016/ (default: $DETECTRON2_DATASETS, ./datasets)",
-    )
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
-    parser.add_argument("--overwrite", action="store_true", help="rebuild existing outputs")
-    args = parser.parse_args(argv)
+    args = script_parser(__doc__, "ADEChallengeData2016", list(SPLITS)).parse_args(argv)
     base = os.path.join(args.root, "ADEChallengeData2016")
     return [convert_split(base, split, args.overwrite) for split in args.splits]
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    run_script(main)

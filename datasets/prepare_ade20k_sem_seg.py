@@ -9,8 +9,6 @@ with 255 for "other" (ignored) and 0..149 for the classes, the layout ``ade20k_s
 Usage: python datasets/prepare_ade20k_sem_seg.py [--root $DETECTRON2_DATASETS]
 """
 
-import argparse
-import logging
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -18,9 +16,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from mask2former_d2.data.datasets.prepare_utils import save_image_atomic
-
-logger = logging.getLogger("prepare_ade20k_sem_seg")
+from mask2former_d2.data.datasets.prepare_utils import convert_splits, run_script, save_image_atomic, script_parser
 
 SPLITS = ("training", "validation")
 NUM_CLASSES = 150
@@ -61,29 +57,15 @@ def convert_split(src_dir: str, dst_dir: str, overwrite: bool = False) -> Tuple[
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--root",
-        default=os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")),
-        help="directory holding ADEChallengeData2016/ (default: $DETECTRON2_DATASETS, ./datasets)",
-    )
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    parser.add_argument("--overwrite", action="store_true", help="rewrite existing outputs")
-    args = parser.parse_args(argv)
-
+    args = script_parser(__doc__, "ADEChallengeData2016", SPLITS).parse_args(argv)
     base = os.path.join(args.root, "ADEChallengeData2016")
-    results = []
-    for split in args.splits:
-        written, skipped = convert_split(
-            os.path.join(base, "annotations", split),
-            os.path.join(base, "annotations_detectron2", split),
-            overwrite=args.overwrite,
-        )
-        logger.info("%s: wrote %d, kept %d existing", split, written, skipped)
-        results.append((written, skipped))
-    return results
+
+    def convert(split: str) -> Tuple[int, int]:
+        src, dst = (os.path.join(base, d, split) for d in ("annotations", "annotations_detectron2"))
+        return convert_split(src, dst, overwrite=args.overwrite)
+
+    return convert_splits(args.splits, convert)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    run_script(main)

@@ -11,10 +11,8 @@ truth of ``coco_2017_{train,val}_panoptic_with_sem_seg``. Existing outputs are k
 Usage: python datasets/prepare_coco_semantic_annos_from_panoptic.py [--root DIR] [--workers N]
 """
 
-import argparse
 import functools
 import json
-import logging
 import multiprocessing as mp
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -24,9 +22,13 @@ import tqdm
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from PIL import Image
 
-from mask2former_d2.data.datasets.prepare_utils import rgb2id, save_image_atomic
-
-logger = logging.getLogger("prepare_coco_semantic_annos_from_panoptic")
+from mask2former_d2.data.datasets.prepare_utils import (
+    convert_splits,
+    rgb2id,
+    run_script,
+    save_image_atomic,
+    script_parser,
+)
 
 SPLITS = ("train2017", "val2017")
 IGNORE = 255
@@ -105,20 +107,9 @@ def convert_split(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--root",
-        default=os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")),
-        help="directory holding coco/ (default: $DETECTRON2_DATASETS or ./datasets)",
-    )
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        choices=SPLITS,
-        help="splits to convert (default: every split whose panoptic json exists)",
-    )
+    splits_help = "splits to convert (default: every split whose panoptic json exists)"
+    parser = script_parser(__doc__, "coco", SPLITS, splits_help=splits_help)
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
-    parser.add_argument("--overwrite", action="store_true", help="rewrite existing outputs")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
@@ -134,20 +125,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
             f"no COCO panoptic json found: expected {json_of('{train,val}2017')!r} "
             "(see datasets/README.md)"
         )
-    results = []
-    for split in splits:
-        written, skipped = convert_split(
-            json_of(split),
-            os.path.join(coco, f"panoptic_{split}"),
-            os.path.join(coco, f"panoptic_semseg_{split}"),
-            workers=args.workers,
-            overwrite=args.overwrite,
+
+    def convert(split: str) -> Tuple[int, int]:
+        pan_dir, sem_dir = (os.path.join(coco, f"{d}_{split}") for d in ("panoptic", "panoptic_semseg"))
+        return convert_split(
+            json_of(split), pan_dir, sem_dir, workers=args.workers, overwrite=args.overwrite
         )
-        logger.info("%s: wrote %d, kept %d existing", split, written, skipped)
-        results.append((written, skipped))
-    return results
+
+    return convert_splits(splits, convert)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    run_script(main)

@@ -1,5 +1,13 @@
-"""Shared helpers for the tests: a tiny model config and inputs."""
+"""Shared helpers for the tests: paths, a tiny model config and inputs.
+
+Paths: ``ROOT`` is the repository; ``DATA`` the real data samples (COCO/ADE/Cityscapes/Mapillary
+images and annotations, video clips), ``$M2F_DATA`` or ``../shared/data`` beside the repository;
+``SHARED`` the shared folder holding the parity fixtures and tools, ``$M2F_SHARED`` or
+``../shared``. Tests that need them skip when they are absent.
+"""
+import importlib.util
 import os
+from types import ModuleType
 from typing import List, Sequence, Tuple
 
 import torch
@@ -10,6 +18,17 @@ from mask2former_d2.config import get_maskformer_cfg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "quickstart", "maskformer2_R18_tiny_coco_panoptic.yaml")
 SHARED = os.environ.get("M2F_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+DATA = os.environ.get("M2F_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+
+
+def load_script(relpath: str) -> ModuleType:
+    """Imports a script of the repository that is not in a package (``tools/x.py``,
+    ``datasets/x.py``) as a module, given its path relative to ``ROOT``."""
+    name = "_m2f_" + os.path.splitext(relpath)[0].replace(os.sep, "_").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_cfg(*opts, config_file: str = TINY_CONFIG):

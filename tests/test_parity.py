@@ -4,14 +4,14 @@ Runs ``../shared/tools/parity.py check`` exactly as a developer would: it builds
 the fixture's config, loads the released-format checkpoint through Detectron2's checkpointer
 (strict key matching) and compares semantic, panoptic and instance outputs.
 """
-import os
 import subprocess
 import sys
 import unittest
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("M2F_SHARED", ROOT.parent / "shared"))
+from tests import common
+
+SHARED = Path(common.SHARED)
 FIXTURES = sorted((SHARED / "fixtures" / "parity").glob("*/weights.pkl"))
 
 
@@ -27,7 +27,7 @@ class TestParity(unittest.TestCase):
             with self.subTest(fixture=fixture.name):
                 proc = subprocess.run(
                     [sys.executable, str(SHARED / "tools" / "parity.py"), "check", "--fixture", str(fixture)],
-                    cwd=ROOT,
+                    cwd=common.ROOT,
                     capture_output=True,
                     text=True,
                     timeout=600,

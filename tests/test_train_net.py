@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from mask2former_d2.checkpoint import MaskFormerCheckpointer
+from tests.common import ROOT as REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = "configs/quickstart/maskformer2_R18_tiny_coco_panoptic.yaml"
 TOY_OPTS = [
     "MODEL.DEVICE", "cpu",

@@ -21,15 +21,20 @@ Usage:
     python tools/convert_swin_to_d2.py swin_tiny_patch4_window7_224.pth swin_tiny.pkl
 """
 
-import argparse
 import logging
 import math
-import pickle
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
+
+from mask2former_d2.weight_conversion import (
+    converter_main,
+    load_checkpoint,
+    to_numpy,
+    unwrap_state_dict,
+    write_d2_weights,
+)
 
 __all__ = ["convert_swin_state_dict", "detect_layout", "load_checkpoint", "main"]
 
@@ -50,34 +55,6 @@ _BACKBONE_KEY = re.compile(
 # Classification-only entries, dropped without a warning.
 _CLASSIFICATION_KEY = re.compile(r"^(head\..*|norm\.(weight|bias)|.*\.attn_mask)$")
 _SWIN_V2_MARKERS = ("logit_scale", "cpb_mlp", "relative_coords_table")
-
-
-def load_checkpoint(path: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
-    """Loads a checkpoint file and returns its state dict.
-
-    Args:
-        path: ``.pth``/``.pt``/``.bin`` file saved by ``torch.save``.
-        allow_pickle: allow arbitrary pickled objects (only for trusted files); by default only
-            tensors and plain containers are unpickled.
-    """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} holds objects other than tensors; if the file is trusted, pass "
-            f"--allow-pickle (allow_pickle=True). Original error: {e}"
-        ) from e
-    return unwrap_state_dict(obj)
-
-
-def unwrap_state_dict(obj: Any) -> Dict[str, Any]:
-    """Returns the state dict inside common checkpoint wrappers ("model", "state_dict")."""
-    for key in ("model", "state_dict", "model_state"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            return dict(obj[key])
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"expected a state dict or a checkpoint dict, got {type(obj).__name__}")
-    return dict(obj)
 
 
 def _normalize_names(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
@@ -119,15 +96,6 @@ def detect_layout(keys: Iterable[str]) -> str:
         f"with {num_stages} stages; expected {list(range(num_stages - 1))} (Microsoft) or "
         f"{list(range(1, num_stages))} (timm)"
     )
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    tensor = value.detach().cpu()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-        tensor = tensor.float()
-    return tensor.numpy()
 
 
 def _relative_position_index(window_size: int) -> np.ndarray:
@@ -187,7 +155,7 @@ def convert_swin_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarr
         if not _BACKBONE_KEY.match(name):
             ignored.append(name)
             continue
-        out[name] = _to_numpy(value)
+        out[name] = to_numpy(value)
     if ignored:
         logger.warning("Ignored %d unrecognised keys: %s", len(ignored), ", ".join(ignored))
 
@@ -211,24 +179,12 @@ def convert_swin_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarr
 def convert_file(input_path: str, output_path: str, allow_pickle: bool = False) -> None:
     """Reads a torch checkpoint and writes the Detectron2 pickle."""
     weights = convert_swin_state_dict(load_checkpoint(input_path, allow_pickle=allow_pickle))
-    result = {"model": weights, "__author__": "third_party", "matching_heuristics": True}
-    with open(output_path, "wb") as f:
-        pickle.dump(result, f)
-    logger.info("Wrote %d arrays to %s", len(weights), output_path)
+    write_d2_weights(weights, output_path, author="third_party")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="Swin checkpoint (.pth) from Microsoft or timm")
-    parser.add_argument("output", help="Detectron2 weight file to write (.pkl)")
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="unpickle arbitrary objects in the input (only for trusted files)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    convert_file(args.input, args.output, allow_pickle=args.allow_pickle)
+    description = __doc__.split("\n\n")[0]
+    converter_main(description, "Swin checkpoint (.pth) from Microsoft or timm", convert_file, argv)
 
 
 if __name__ == "__main__":

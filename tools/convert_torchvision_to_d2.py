@@ -35,14 +35,19 @@ Usage:
     python tools/convert_torchvision_to_d2.py resnet50-0676ba61.pth r50.pkl
 """
 
-import argparse
 import logging
-import pickle
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
+
+from mask2former_d2.weight_conversion import (
+    converter_main,
+    load_checkpoint,
+    to_numpy,
+    unwrap_state_dict,
+    write_d2_weights,
+)
 
 __all__ = [
     "convert_torchvision_state_dict",
@@ -90,36 +95,6 @@ _RENAMES = (
 _DROPPED = re.compile(r"^fc\.(weight|bias)$|\.num_batches_tracked$")
 
 
-def load_checkpoint(path: str, allow_pickle: bool = False) -> Dict[str, Any]:
-    """Reads a torchvision checkpoint and returns its state dict.
-
-    Args:
-        path: file written by ``torch.save``.
-        allow_pickle: unpickle arbitrary objects (only for trusted files); by default only
-            tensors and plain containers are read.
-
-    Returns:
-        The state dict, unwrapped from ``{"state_dict": ...}`` or ``{"model": ...}``.
-    """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} holds objects other than tensors; if the file is trusted, pass "
-            f"--allow-pickle (allow_pickle=True). Original error: {e}"
-        ) from e
-    return _unwrap(obj)
-
-
-def _unwrap(obj: Any) -> Dict[str, Any]:
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"expected a state dict or a checkpoint dict, got {type(obj).__name__}")
-    for key in ("state_dict", "model"):
-        if isinstance(obj.get(key), Mapping):
-            return dict(obj[key])
-    return dict(obj)
-
-
 def rename_key(name: str) -> Optional[str]:
     """Returns the Detectron2 name of a torchvision ResNet parameter or buffer.
 
@@ -158,15 +133,6 @@ def infer_resnet_depth(state_dict: Mapping[str, Any]) -> Optional[int]:
     return _BLOCKS_PER_STAGE.get(tuple(blocks), {}).get(kind)
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    tensor = value.detach().cpu()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-        tensor = tensor.float()
-    return tensor.numpy()
-
-
 def convert_torchvision_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
     """Renames a torchvision ResNet state dict to Detectron2's ResNet names.
 
@@ -181,7 +147,7 @@ def convert_torchvision_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, n
         ValueError: when the input is not a torchvision ResNet (no name converts, or it already
             uses Detectron2 names).
     """
-    state_dict = {re.sub(r"^module\.", "", k): v for k, v in _unwrap(state_dict).items()}
+    state_dict = {re.sub(r"^module\.", "", k): v for k, v in unwrap_state_dict(state_dict).items()}
     if any(k.startswith(("stem.", "res2.")) for k in state_dict):
         raise ValueError("the checkpoint already uses Detectron2 names (stem.*, res2.*)")
     out: Dict[str, np.ndarray] = {}
@@ -189,7 +155,7 @@ def convert_torchvision_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, n
     for name, value in state_dict.items():
         new_name = rename_key(name)
         if new_name is not None:
-            out[new_name] = _to_numpy(value)
+            out[new_name] = to_numpy(value)
         elif not _DROPPED.search(name):
             unknown.append(name)
     if not out:
@@ -210,10 +176,7 @@ def convert_file(input_path: str, output_path: str, allow_pickle: bool = False) 
     """
     state_dict = load_checkpoint(input_path, allow_pickle=allow_pickle)
     weights = convert_torchvision_state_dict(state_dict)
-    result = {"model": weights, "__author__": "torchvision", "matching_heuristics": True}
-    with open(output_path, "wb") as f:
-        pickle.dump(result, f)
-    logger.info("Wrote %d arrays to %s", len(weights), output_path)
+    result = write_d2_weights(weights, output_path, author="torchvision")
 
     depth = infer_resnet_depth({re.sub(r"^module\.", "", k): v for k, v in state_dict.items()})
     settings = [f"MODEL.WEIGHTS {output_path}"]
@@ -232,17 +195,8 @@ def convert_file(input_path: str, output_path: str, allow_pickle: bool = False) 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="torchvision ResNet checkpoint (.pth)")
-    parser.add_argument("output", help="Detectron2 weight file to write (.pkl)")
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="unpickle arbitrary objects in the input (only for trusted files)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    convert_file(args.input, args.output, allow_pickle=args.allow_pickle)
+    description = __doc__.split("\n\n")[0]
+    converter_main(description, "torchvision ResNet checkpoint (.pth)", convert_file, argv)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ identities on those ids.
 """
 
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .utils import load_coco_instances_checked, load_panoptic_json, register_lazy
+from .utils import load_coco_instances_checked, register_lazy, register_panoptic
 
 __all__ = [
     "ADE20K_150_CATEGORIES",
@@ -283,27 +283,7 @@ def register_all_ade20k(root: str) -> None:
             "json_file": os.path.join(ade, f"ade20k_instance_{split}.json"),
         }
 
-        def load(name: str = name, p: Dict[str, str] = paths) -> List[Dict[str, Any]]:
-            return load_panoptic_json(
-                name,
-                p["panoptic_json"],
-                p["image_root"],
-                p["panoptic_root"],
-                ADE20K_LAYOUT,
-                thing_ids=pan_meta["thing_dataset_id_to_contiguous_id"],
-                stuff_ids=pan_meta["stuff_dataset_id_to_contiguous_id"],
-                sem_seg_root=p["sem_seg_root"],
-            )
-
-        register_lazy(
-            name,
-            load,
-            evaluator_type="ade20k_panoptic_seg",
-            ignore_label=255,
-            label_divisor=1000,
-            **paths,
-            **pan_meta,
-        )
+        register_panoptic(name, ADE20K_LAYOUT, pan_meta, evaluator_type="ade20k_panoptic_seg", **paths)
 
         name = f"ade20k_instance_{split}"
         image_root = os.path.join(ade, "images", dirname)

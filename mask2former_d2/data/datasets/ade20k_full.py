@@ -5,12 +5,18 @@
 512, labels holding contiguous ids 0..846 and 65535 for unlabeled pixels, hence
 ``ignore_label=65535``). ``stuff_dataset_id_to_contiguous_id`` maps the ADE index ids (the
 values of the raw ``*_seg.png``) to the contiguous ids.
+
+The class table is the data file ``ade20k_full_categories.json`` shipped with the package: a
+list, in training-id order (entry ``i`` is contiguous class ``i``), of ``{"id": <ADE index id>,
+"name": <class name>}``. The ADE index id is the value that the dataset's ``*_seg.png`` files
+encode as ``R // 10 * 256 + G`` (the ``name_ndx`` of its JSON annotations); the order and the
+ids are those of the published MaskFormer/Mask2Former ADE20K-full class list.
 """
 
+import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
-from .ade20k_full_categories import ADE20K_FULL_CATEGORIES
 from .utils import load_sem_seg_checked, register_lazy
 
 __all__ = ["ADE20K_FULL_CATEGORIES", "ade20k_full_metadata", "register_all_ade20k_full"]
@@ -22,6 +28,16 @@ ADE20K_FULL_LAYOUT = (
     "(datasets/prepare_ade20k_full_sem_seg.py)"
 )
 ADE20K_FULL_IGNORE_LABEL = 65535
+_CATEGORIES_FILE = os.path.join(os.path.dirname(__file__), "ade20k_full_categories.json")
+
+
+def _load_categories(path: str = _CATEGORIES_FILE) -> Tuple[Tuple[int, str], ...]:
+    with open(path, encoding="utf-8") as f:
+        return tuple((int(c["id"]), str(c["name"])) for c in json.load(f))
+
+
+#: ``(ade_id, name)`` for each of the 847 classes, indexed by contiguous training id.
+ADE20K_FULL_CATEGORIES: Tuple[Tuple[int, str], ...] = _load_categories()
 
 
 def ade20k_full_metadata() -> Dict[str, Any]:

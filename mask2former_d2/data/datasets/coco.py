@@ -12,12 +12,12 @@ COCO instance evaluation lines up with ``thing_dataset_id_to_contiguous_id``.
 """
 
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .utils import load_panoptic_json, load_sem_seg_checked, register_lazy
+from .utils import load_sem_seg_checked, register_lazy, register_panoptic
 
 __all__ = [
     "COCO_STUFF_10K_CLASSES",
@@ -115,27 +115,7 @@ def register_all_coco(root: str) -> None:
             "json_file": os.path.join(coco, "annotations", f"instances_{split}2017.json"),
         }
 
-        def load(name: str = name, p: Dict[str, str] = paths) -> List[Dict[str, Any]]:
-            return load_panoptic_json(
-                name,
-                p["panoptic_json"],
-                p["image_root"],
-                p["panoptic_root"],
-                COCO_PANOPTIC_LAYOUT,
-                thing_ids=meta["thing_dataset_id_to_contiguous_id"],
-                stuff_ids=meta["stuff_dataset_id_to_contiguous_id"],
-                sem_seg_root=p["sem_seg_root"],
-            )
-
-        register_lazy(
-            name,
-            load,
-            evaluator_type="coco_panoptic_seg",
-            ignore_label=255,
-            label_divisor=1000,
-            **paths,
-            **meta,
-        )
+        register_panoptic(name, COCO_PANOPTIC_LAYOUT, meta, evaluator_type="coco_panoptic_seg", **paths)
         _narrow_panoptic_thing_classes(f"coco_2017_{split}_panoptic")
 
     stuff_meta = coco_stuff_10k_metadata()

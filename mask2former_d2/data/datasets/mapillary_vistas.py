@@ -10,9 +10,9 @@ under ``thing_classes`` too, because their contiguous thing ids are spread over 
 """
 
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
-from .utils import load_panoptic_json, load_sem_seg_checked, register_lazy
+from .utils import load_sem_seg_checked, register_lazy, register_panoptic
 
 __all__ = [
     "MAPILLARY_VISTAS_CATEGORIES",
@@ -160,24 +160,11 @@ def register_all_mapillary_vistas(root: str) -> None:
             "sem_seg_root": labels,
         }
 
-        def load(name: str = name, p: Dict[str, str] = paths) -> List[Dict[str, Any]]:
-            return load_panoptic_json(
-                name,
-                p["panoptic_json"],
-                p["image_root"],
-                p["panoptic_root"],
-                VISTAS_LAYOUT,
-                thing_ids=pan_meta["thing_dataset_id_to_contiguous_id"],
-                stuff_ids=pan_meta["stuff_dataset_id_to_contiguous_id"],
-                sem_seg_root=p["sem_seg_root"],
-            )
-
-        register_lazy(
+        register_panoptic(
             name,
-            load,
+            VISTAS_LAYOUT,
+            pan_meta,
             evaluator_type="mapillary_vistas_panoptic_seg",
             ignore_label=_IGNORE_LABEL,
-            label_divisor=1000,
             **paths,
-            **pan_meta,
         )

@@ -4,14 +4,27 @@ Shapes: H/W image height/width; panoptic PNGs are (H, W, 3) uint8 RGB encoding a
 ``R + 256 * G + 256**2 * B`` (COCO panoptic format, 0 = void).
 """
 
+import argparse
 import json
+import logging
 import os
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["rgb2id", "id2rgb", "bbox_xywh", "save_image_atomic", "save_json_atomic"]
+__all__ = [
+    "rgb2id",
+    "id2rgb",
+    "bbox_xywh",
+    "convert_splits",
+    "run_script",
+    "save_image_atomic",
+    "save_json_atomic",
+    "script_parser",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def rgb2id(rgb: np.ndarray) -> np.ndarray:
@@ -68,3 +81,59 @@ def save_json_atomic(obj: Any, path: str) -> None:
             json.dump(obj, f)
 
     _replace_from_tmp(path, write)
+
+
+def script_parser(
+    doc: str,
+    dataset_dir: str,
+    splits: Sequence[str],
+    *,
+    default_splits: Optional[Sequence[str]] = None,
+    splits_help: Optional[str] = None,
+) -> argparse.ArgumentParser:
+    """The command line shared by the ``datasets/prepare_*.py`` scripts.
+
+    Args:
+        doc: the script's docstring; its first paragraph is the description.
+        dataset_dir: the directory under ``--root`` the script reads (for the help text).
+        splits: the choices of ``--splits``.
+        default_splits: the default of ``--splits`` (all ``splits`` unless given; None with
+            ``splits_help`` to let the script decide).
+        splits_help: help text of ``--splits``.
+
+    Returns:
+        A parser with ``--root`` (default ``$DETECTRON2_DATASETS`` or ``./datasets``),
+        ``--splits`` and ``--overwrite``; scripts may add more options.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument(
+        "--root",
+        default=os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")),
+        help=f"directory holding {dataset_dir}/ (default: $DETECTRON2_DATASETS or ./datasets)",
+    )
+    if default_splits is None and splits_help is None:
+        default_splits = list(splits)
+    parser.add_argument(
+        "--splits", nargs="+", default=default_splits, choices=list(splits), help=splits_help
+    )
+    parser.add_argument("--overwrite", action="store_true", help="rewrite existing outputs")
+    return parser
+
+
+def convert_splits(
+    splits: Sequence[str], convert_split: Callable[[str], Tuple[int, int]]
+) -> List[Tuple[int, int]]:
+    """Runs ``convert_split(split)`` (returning the files written and kept) for each split,
+    logging both counts; returns them in order."""
+    results = []
+    for split in splits:
+        written, skipped = convert_split(split)
+        logger.info("%s: wrote %d, kept %d existing", split, written, skipped)
+        results.append((written, skipped))
+    return results
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Entry point of a prepare script: plain INFO logging, then ``main()``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

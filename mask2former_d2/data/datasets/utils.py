@@ -183,6 +183,54 @@ def load_panoptic_json(
     return records
 
 
+def register_panoptic(
+    name: str,
+    layout: str,
+    metadata: Mapping[str, Any],
+    *,
+    evaluator_type: str,
+    ignore_label: int = 255,
+    label_divisor: int = 1000,
+    **paths: str,
+) -> bool:
+    """Lazily registers a panoptic dataset read by :func:`load_panoptic_json`.
+
+    Args:
+        name: the dataset name.
+        layout: the expected on-disk layout, for error messages.
+        metadata: class names, colours and the ``thing_/stuff_dataset_id_to_contiguous_id``
+            maps; set on the dataset's metadata.
+        evaluator_type, ignore_label, label_divisor: metadata for the evaluators and mappers.
+        paths: ``image_root``, ``panoptic_root``, ``panoptic_json``, optional ``sem_seg_root``
+            and ``json_file`` (instance annotations); all are set on the metadata.
+
+    Returns:
+        As :func:`register_lazy`.
+    """
+
+    def load() -> List[Dict[str, Any]]:
+        return load_panoptic_json(
+            name,
+            paths["panoptic_json"],
+            paths["image_root"],
+            paths["panoptic_root"],
+            layout,
+            thing_ids=metadata["thing_dataset_id_to_contiguous_id"],
+            stuff_ids=metadata["stuff_dataset_id_to_contiguous_id"],
+            sem_seg_root=paths.get("sem_seg_root"),
+        )
+
+    return register_lazy(
+        name,
+        load,
+        evaluator_type=evaluator_type,
+        ignore_label=ignore_label,
+        label_divisor=label_divisor,
+        **paths,
+        **metadata,
+    )
+
+
 def load_coco_instances_checked(
     dataset: str, json_file: str, image_root: str, layout: str
 ) -> List[Dict[str, Any]]:

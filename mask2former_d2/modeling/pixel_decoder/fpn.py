@@ -12,6 +12,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..transformer_decoder.heads import input_projection
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from ..transformer_decoder.transformer import TransformerEncoderOnly
 from .build import PIXEL_DECODER_REGISTRY
@@ -144,7 +145,7 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         input_shape: Dict[str, ShapeSpec],
         *,
         transformer_dropout: float,
-        transformer_num_heads: int,
+        transformer_nheads: int,
         transformer_dim_feedforward: int,
         transformer_enc_layers: int,
         transformer_pre_norm: bool,
@@ -153,29 +154,24 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         norm: Norm = None,
     ) -> None:
         """
-        Args:
-            input_shape: channels and stride of each input feature.
+        Args: those of :class:`BasePixelDecoder` (``conv_dim`` also sizes the encoder), and
             transformer_dropout: dropout probability in the encoder.
-            transformer_num_heads: attention heads; must divide ``conv_dim``.
+            transformer_nheads: attention heads; must divide ``conv_dim``.
             transformer_dim_feedforward: feed-forward width.
             transformer_enc_layers: encoder depth.
             transformer_pre_norm: pre-norm instead of post-norm encoder layers.
-            conv_dim: channels D of the FPN convs and of the encoder.
-            mask_dim: channels E of the mask features.
-            norm: normalisation of the FPN convs ("" = none, with bias), e.g. "GN".
         """
-        if conv_dim % transformer_num_heads != 0:
+        if conv_dim % transformer_nheads != 0:
             raise ValueError(
-                f"conv_dim={conv_dim} is not divisible by transformer_num_heads="
-                f"{transformer_num_heads}"
+                f"conv_dim={conv_dim} is not divisible by transformer_nheads="
+                f"{transformer_nheads}"
             )
         super().__init__(input_shape, conv_dim=conv_dim, mask_dim=mask_dim, norm=norm)
         top_channels = max(input_shape.values(), key=lambda spec: spec.stride).channels
-        self.input_proj = Conv2d(top_channels, conv_dim, kernel_size=1)
-        weight_init.c2_xavier_fill(self.input_proj)
+        self.input_proj = input_projection(top_channels, conv_dim, enforce=True)
         self.transformer = TransformerEncoderOnly(
             hidden_dim=conv_dim,
-            num_heads=transformer_num_heads,
+            num_heads=transformer_nheads,
             num_encoder_layers=transformer_enc_layers,
             dim_feedforward=transformer_dim_feedforward,
             dropout=transformer_dropout,
@@ -198,7 +194,7 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         mf = cfg.MODEL.MASK_FORMER
         ret.update(
             transformer_dropout=mf.DROPOUT,
-            transformer_num_heads=mf.NHEADS,
+            transformer_nheads=mf.NHEADS,
             transformer_dim_feedforward=mf.DIM_FEEDFORWARD,
             transformer_enc_layers=cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS,
             transformer_pre_norm=mf.PRE_NORM,

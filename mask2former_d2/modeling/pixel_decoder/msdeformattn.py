@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ...layers.ms_deform_attn import MSDeformAttn, ValueTable
 from ...layers.pointwise_conv import is_channels_last, pointwise_conv
+from ..transformer_decoder.layers import FeedForwardMixin, make_dropout
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from .build import PIXEL_DECODER_REGISTRY
 
@@ -52,7 +53,7 @@ def _relu_(x: Tensor) -> Tensor:
     return F.relu(x, inplace=True)
 
 
-class MSDeformAttnTransformerEncoderLayer(nn.Module):
+class MSDeformAttnTransformerEncoderLayer(FeedForwardMixin, nn.Module):
     """Post-norm encoder layer: deformable self-attention, then a ReLU feed-forward block.
 
     Args:
@@ -80,10 +81,8 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         self.self_attn = MSDeformAttn(hidden_dim, num_levels, num_heads, num_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(hidden_dim)
-        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
-        self.dropout3 = nn.Dropout(dropout)
+        self._init_feed_forward(hidden_dim, dim_feedforward, dropout)  # linear1, linear2 (ReLU)
+        self.dropout2 = make_dropout(dropout)
         self.norm2 = nn.LayerNorm(hidden_dim)
 
     def forward(
@@ -120,11 +119,16 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
     ) -> Tensor:
         attn = self.self_attn.attend(src + pos, reference_points, values)
         src = self.norm1(src + self.dropout1(attn))
-        # linear1 + ReLU as a plain GEMM with bias and ReLU applied in place: ~15% faster on
-        # the CPU than a linear (whose GEMM starts from a broadcast copy of the bias).
-        hidden = torch.matmul(src, self.linear1.weight.t()).add_(self.linear1.bias).relu_()
-        ffn = self.linear2(self.dropout2(hidden))
-        return self.norm2(src + self.dropout3(ffn))
+        return self.norm2(src + self.dropout2(self._feed_forward(src)))
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        """``FeedForwardMixin._feed_forward`` with ReLU, computed faster on the CPU.
+
+        linear1 + ReLU as a plain GEMM with bias and ReLU applied in place: ~15% faster than a
+        linear (whose GEMM starts from a broadcast copy of the bias); the result is the same.
+        """
+        hidden = torch.matmul(x, self.linear1.weight.t()).add_(self.linear1.bias).relu_()
+        return self.linear2(self.dropout(hidden))
 
 
 class MSDeformAttnTransformerEncoder(nn.Module):

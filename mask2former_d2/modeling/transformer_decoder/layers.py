@@ -1,12 +1,12 @@
 """Attention, feed-forward and MLP blocks shared by the transformer decoders.
 
-Shapes: B batch, L target (query) length, S source (memory) length, C channels
+Shapes: B batch, Q target (query) length, S source (memory) length, C channels
 (``hidden_dim``), M heads, D = C / M channels per head, F feed-forward width.
-Every tensor here is batch-first: sequences are (B, L, C) and (B, S, C).
+Every tensor here is batch-first: sequences are (B, Q, C) and (B, S, C).
 
 Masks are boolean with ``True`` meaning *blocked* (the convention of
-``nn.MultiheadAttention``): ``attn_mask`` is (B, L, S) shared by all heads or
-(B, M, L, S); ``key_padding_mask`` is (B, S).
+``nn.MultiheadAttention``): ``attn_mask`` is (B, Q, S) shared by all heads or
+(B, M, Q, S); ``key_padding_mask`` is (B, S).
 """
 
 from typing import Callable, Dict, List, Optional, Sequence
@@ -20,6 +20,7 @@ __all__ = [
     "SelfAttentionLayer",
     "CrossAttentionLayer",
     "FFNLayer",
+    "FeedForwardMixin",
     "MLP",
     "aux_predictions",
     "get_activation_fn",
@@ -117,18 +118,18 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Optional[Tensor] = None,
         key_padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        """Attends from ``query`` (B, L, C) to ``key``/``value`` (B, S, C).
+        """Attends from ``query`` (B, Q, C) to ``key``/``value`` (B, S, C).
 
         Args:
-            query: (B or 1, L, C).
+            query: (B or 1, Q, C).
             key: (B or 1, S, C). Passing the same tensor object as ``query`` fuses their
                 projections into one matmul.
             value: (B or 1, S, C).
-            attn_mask: optional bool mask, True = blocked, (B, L, S) or (B, M, L, S).
+            attn_mask: optional bool mask, True = blocked, (B, Q, S) or (B, M, Q, S).
             key_padding_mask: optional bool (B, S), True = padding.
 
         Returns:
-            (B, L, C).
+            (B, Q, C).
         """
         c = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
@@ -139,7 +140,7 @@ class MultiHeadAttention(nn.Module):
             k = F.linear(key, w[c : 2 * c], b[c : 2 * c])
         v = F.linear(value, w[2 * c :], b[2 * c :])
         batch = max(q.shape[0], k.shape[0])
-        q = self._split_heads(q.expand(batch, -1, -1))  # (B, M, L, D)
+        q = self._split_heads(q.expand(batch, -1, -1))  # (B, M, Q, D)
         k = self._split_heads(k.expand(batch, -1, -1))  # (B, M, S, D)
         v = self._split_heads(v.expand(batch, -1, -1))  # (B, M, S, D)
 
@@ -147,7 +148,7 @@ class MultiHeadAttention(nn.Module):
         if attn_mask is not None:
             if attn_mask.dtype != torch.bool:
                 raise TypeError(f"attn_mask must be bool (True = blocked), got {attn_mask.dtype}")
-            # A (B, L, S) mask is shared by the heads: (B, 1, L, S) broadcasts over M.
+            # A (B, Q, S) mask is shared by the heads: (B, 1, Q, S) broadcasts over M.
             blocked = attn_mask.unsqueeze(1) if attn_mask.dim() == 3 else attn_mask
         if key_padding_mask is not None:
             padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
@@ -161,15 +162,37 @@ class MultiHeadAttention(nn.Module):
 
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, M, L, D)
-        out = out.transpose(1, 2).flatten(2)  # (B, L, C)
+        )  # (B, M, Q, D)
+        out = out.transpose(1, 2).flatten(2)  # (B, Q, C)
         return self.out_proj(out)
 
 
-class SelfAttentionLayer(nn.Module):
-    """Self-attention among the queries with a residual connection and LayerNorm.
+class FeedForwardMixin:
+    """The two-layer feed-forward block of a transformer layer, as flat attributes.
 
-    Queries and keys get ``query_pos`` added; values do not.
+    Transformer layers keep ``linear1``/``linear2`` next to their attention and norms (those
+    are the checkpoint names), so the block is a mixin for ``nn.Module`` subclasses rather
+    than a submodule. ``_init_feed_forward`` registers ``linear1``, ``dropout`` (after the
+    activation), ``linear2`` and the activation; ``_feed_forward`` is the computation
+    ``linear2(dropout(activation(linear1(x))))`` on (..., C) -> (..., C).
+    """
+
+    def _init_feed_forward(
+        self, hidden_dim: int, dim_feedforward: int, dropout: float, activation: str = "relu"
+    ) -> None:
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.dropout = make_dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.activation = get_activation_fn(activation)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class _AttentionLayer(nn.Module):
+    """Multi-head attention with a residual connection and LayerNorm (base of the two below).
+
+    The attention module is registered under ``attention_name`` (the checkpoint name).
 
     Args:
         hidden_dim: channels C.
@@ -177,6 +200,8 @@ class SelfAttentionLayer(nn.Module):
         dropout: dropout on the attention weights and the residual branch.
         normalize_before: pre-norm instead of post-norm.
     """
+
+    attention_name = "attn"
 
     def __init__(
         self,
@@ -187,11 +212,25 @@ class SelfAttentionLayer(nn.Module):
         normalize_before: bool = False,
     ) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
+        attention = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
+        self.add_module(self.attention_name, attention)
         self.norm = nn.LayerNorm(hidden_dim)
         self.dropout = make_dropout(dropout)
         self.normalize_before = normalize_before
         xavier_init_matrices(self)
+
+    def _residual(self, tgt: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        return residual_block(tgt, attend, self.norm, self.dropout, self.normalize_before)
+
+
+class SelfAttentionLayer(_AttentionLayer):
+    """Self-attention among the queries with a residual connection and LayerNorm.
+
+    Queries and keys get ``query_pos`` added; values do not. Arguments as ``_AttentionLayer``:
+    ``hidden_dim``, ``num_heads``, keyword-only ``dropout`` and ``normalize_before``.
+    """
+
+    attention_name = "self_attn"
 
     def forward(
         self,
@@ -200,42 +239,24 @@ class SelfAttentionLayer(nn.Module):
         attn_mask: Optional[Tensor] = None,
         key_padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        """tgt: (B, L, C); query_pos: (B or 1, L, C). Returns (B, L, C)."""
+        """tgt: (B, Q, C); query_pos: (B or 1, Q, C). Returns (B, Q, C)."""
 
         def attend(x: Tensor) -> Tensor:
             qk = x if query_pos is None else x + query_pos
             return self.self_attn(qk, qk, x, attn_mask, key_padding_mask)
 
-        return residual_block(tgt, attend, self.norm, self.dropout, self.normalize_before)
+        return self._residual(tgt, attend)
 
 
-class CrossAttentionLayer(nn.Module):
+class CrossAttentionLayer(_AttentionLayer):
     """Attention from the queries to a memory, with a residual connection and LayerNorm.
 
     Queries get ``query_pos`` added, keys get the memory's position encoding, values
-    are the plain memory.
-
-    Args:
-        hidden_dim: channels C.
-        num_heads: attention heads M.
-        dropout: dropout on the attention weights and the residual branch.
-        normalize_before: pre-norm instead of post-norm.
+    are the plain memory. Arguments as ``_AttentionLayer``: ``hidden_dim``, ``num_heads``,
+    keyword-only ``dropout`` and ``normalize_before``.
     """
 
-    def __init__(
-        self,
-        hidden_dim: int,
-        num_heads: int,
-        *,
-        dropout: float = 0.0,
-        normalize_before: bool = False,
-    ) -> None:
-        super().__init__()
-        self.multihead_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
-        self.norm = nn.LayerNorm(hidden_dim)
-        self.dropout = make_dropout(dropout)
-        self.normalize_before = normalize_before
-        xavier_init_matrices(self)
+    attention_name = "multihead_attn"
 
     def forward(
         self,
@@ -249,16 +270,16 @@ class CrossAttentionLayer(nn.Module):
         """Cross-attention step.
 
         Args:
-            tgt: queries (B, L, C).
+            tgt: queries (B, Q, C).
             memory: attention values (B, S, C).
             memory_keys: memory plus its position encoding (B or 1, S, C); callers that
                 reuse one memory in several layers compute it once. Defaults to ``memory``.
-            query_pos: (B or 1, L, C) added to the queries.
-            attn_mask: bool (B, L, S) or (B, M, L, S), True = blocked.
+            query_pos: (B or 1, Q, C) added to the queries.
+            attn_mask: bool (B, Q, S) or (B, M, Q, S), True = blocked.
             key_padding_mask: bool (B, S), True = padding.
 
         Returns:
-            (B, L, C).
+            (B, Q, C).
         """
         keys = memory if memory_keys is None else memory_keys
 
@@ -266,10 +287,10 @@ class CrossAttentionLayer(nn.Module):
             q = x if query_pos is None else x + query_pos
             return self.multihead_attn(q, keys, memory, attn_mask, key_padding_mask)
 
-        return residual_block(tgt, attend, self.norm, self.dropout, self.normalize_before)
+        return self._residual(tgt, attend)
 
 
-class FFNLayer(nn.Module):
+class FFNLayer(FeedForwardMixin, nn.Module):
     """Two-layer feed-forward block with a residual connection and LayerNorm.
 
     Args:
@@ -290,20 +311,16 @@ class FFNLayer(nn.Module):
         normalize_before: bool = False,
     ) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self._init_feed_forward(hidden_dim, dim_feedforward, dropout, activation)
         self.norm = nn.LayerNorm(hidden_dim)
-        self.dropout = make_dropout(dropout)
-        self.activation = get_activation_fn(activation)
         self.normalize_before = normalize_before
         xavier_init_matrices(self)
 
-    def _mlp(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
-
     def forward(self, tgt: Tensor) -> Tensor:
-        """tgt: (B, L, C) -> (B, L, C)."""
-        return residual_block(tgt, self._mlp, self.norm, self.dropout, self.normalize_before)
+        """tgt: (B, Q, C) -> (B, Q, C)."""
+        return residual_block(
+            tgt, self._feed_forward, self.norm, self.dropout, self.normalize_before
+        )
 
 
 class MLP(nn.Module):

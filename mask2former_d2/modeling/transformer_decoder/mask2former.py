@@ -11,16 +11,15 @@ True = blocked, shared by all heads.
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
-import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import CfgNode, configurable
-from detectron2.layers import Conv2d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...layers.pointwise_conv import is_channels_last
 from .build import TRANSFORMER_DECODER_REGISTRY
-from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, aux_predictions
+from .heads import QueryHeadsMixin, check_num_heads, decoder_config, input_projection
+from .layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from .position_encoding import PositionEmbeddingSine
 
 __all__ = ["MultiScaleMaskedTransformerDecoder"]
@@ -34,7 +33,7 @@ def _flatten(x: Tensor) -> Tensor:
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
-class MultiScaleMaskedTransformerDecoder(nn.Module):
+class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
     """Decodes learned queries with masked attention over three feature levels.
 
     Each layer does masked cross-attention to one feature level (round robin, lowest
@@ -72,27 +71,17 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     ) -> None:
         """
         Args:
-            in_channels: channels of the multi-scale input features.
-            mask_classification: predict class logits as well as masks.
-            num_classes: number of classes K (the no-object class is added).
-            hidden_dim: transformer channels C.
-            num_queries: number of queries Q.
-            num_heads: attention heads M; must divide ``hidden_dim``.
-            dim_feedforward: feed-forward width.
+            in_channels, mask_classification, num_classes, hidden_dim, num_queries, num_heads,
+                dim_feedforward, pre_norm, mask_dim, enforce_input_project: as filled by
+                :func:`.heads.decoder_config` (one input projection per feature level).
             num_layers: decoder layers built (``MODEL.MASK_FORMER.DEC_LAYERS - 1``: the
                 prediction from the learned queries counts as one more).
-            pre_norm: pre-norm instead of post-norm layers.
-            mask_dim: channels E of the mask features.
-            enforce_input_project: keep the 1x1 input projections even when
-                ``in_channels == hidden_dim``.
             aux_outputs_in_eval: also return the auxiliary predictions in eval mode.
         """
         super().__init__()
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-        if hidden_dim % num_heads != 0:
-            raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
-        self.mask_classification = mask_classification
+        check_num_heads(hidden_dim, num_heads)
         self.num_heads = num_heads
         self.num_layers = num_layers
         self.num_queries = num_queries
@@ -117,18 +106,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learned query features
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learned query positions
         self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
-        self.input_proj = nn.ModuleList()
-        for _ in range(self.num_feature_levels):
-            if in_channels != hidden_dim or enforce_input_project:
-                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
-                weight_init.c2_xavier_fill(proj)
-                self.input_proj.append(proj)
-            else:
-                self.input_proj.append(nn.Sequential())
-
-        if mask_classification:
-            self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.input_proj = nn.ModuleList(
+            input_projection(in_channels, hidden_dim, enforce_input_project)
+            for _ in range(self.num_feature_levels)
+        )
+        self._init_query_heads(hidden_dim, num_classes, mask_dim, mask_classification)
 
     @classmethod
     def from_config(
@@ -140,20 +122,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 f"MODEL.MASK_FORMER.DEC_LAYERS={mf.DEC_LAYERS}; Mask2Former needs at least 1 "
                 "(the prediction from the learned queries counts as the first)"
             )
-        return {
-            "in_channels": in_channels,
-            "mask_classification": mask_classification,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "hidden_dim": mf.HIDDEN_DIM,
-            "num_queries": mf.NUM_OBJECT_QUERIES,
-            "num_heads": mf.NHEADS,
-            "dim_feedforward": mf.DIM_FEEDFORWARD,
-            # One auxiliary loss per DEC_LAYERS: the learned queries give one prediction.
-            "num_layers": mf.DEC_LAYERS - 1,
-            "pre_norm": mf.PRE_NORM,
-            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
-            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
-        }
+        ret = decoder_config(cfg, in_channels, mask_classification)
+        # One auxiliary loss per DEC_LAYERS: the learned queries give one prediction.
+        ret["num_layers"] = mf.DEC_LAYERS - 1
+        return ret
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -251,13 +223,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 low = torch.einsum("bqe,behw->bqhw", embed, level_mask_features[lvl])
             attn_mask = _attention_mask(low)
 
-        out: Dict[str, Any] = {
-            "pred_masks": masks[-1],
-            "aux_outputs": aux_predictions(logits if self.mask_classification else None, masks),
-        }
-        if self.mask_classification:
-            out["pred_logits"] = logits[-1]
-        return out
+        return self._pack_predictions(logits if self.mask_classification else None, masks)
 
 
 def _attention_mask(mask_logits: Tensor) -> Tensor:

@@ -8,14 +8,14 @@ Submodule names (``encoder.layers.{i}.self_attn``, ``decoder.layers.{i}.norm3``,
 are those of the published MaskFormer checkpoints.
 """
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .layers import (
+    FeedForwardMixin,
     MultiHeadAttention,
-    get_activation_fn,
     make_dropout,
     residual_block,
     xavier_init_matrices,
@@ -31,8 +31,9 @@ __all__ = [
 ]
 
 
-class TransformerEncoderLayer(nn.Module):
-    """Self-attention then feed-forward, each with a residual connection and LayerNorm.
+class _DETRLayer(FeedForwardMixin, nn.Module):
+    """Base of DETR's encoder and decoder layers: attention sublayer(s), then feed-forward,
+    each wrapped by a residual connection with ``norm{i}`` and ``dropout{i}`` (i = 1, 2, ...).
 
     Args:
         hidden_dim: channels C.
@@ -42,6 +43,8 @@ class TransformerEncoderLayer(nn.Module):
         activation: "relu", "gelu" or "glu".
         normalize_before: pre-norm instead of post-norm.
     """
+
+    cross_attention = False
 
     def __init__(
         self,
@@ -55,18 +58,27 @@ class TransformerEncoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
-        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
-        self.dropout = make_dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
-        self.norm1 = nn.LayerNorm(hidden_dim)
-        self.norm2 = nn.LayerNorm(hidden_dim)
-        self.dropout1 = make_dropout(dropout)
-        self.dropout2 = make_dropout(dropout)
-        self.activation = get_activation_fn(activation)
+        if self.cross_attention:
+            self.multihead_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
+        self._init_feed_forward(hidden_dim, dim_feedforward, dropout, activation)
+        num_sublayers = 3 if self.cross_attention else 2
+        for i in range(1, num_sublayers + 1):
+            self.add_module(f"norm{i}", nn.LayerNorm(hidden_dim))
+        for i in range(1, num_sublayers + 1):
+            self.add_module(f"dropout{i}", make_dropout(dropout))
         self.normalize_before = normalize_before
 
-    def _mlp(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+    def _sublayer(self, i: int, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """Residual sublayer ``i`` (1-based) applied to ``x``."""
+        norm, dropout = getattr(self, f"norm{i}"), getattr(self, f"dropout{i}")
+        return residual_block(x, fn, norm, dropout, self.normalize_before)
+
+
+class TransformerEncoderLayer(_DETRLayer):
+    """Self-attention then feed-forward, each with a residual connection and LayerNorm.
+
+    Arguments as ``_DETRLayer``.
+    """
 
     def forward(
         self,
@@ -80,50 +92,17 @@ class TransformerEncoderLayer(nn.Module):
             qk = x if pos is None else x + pos
             return self.self_attn(qk, qk, x, key_padding_mask=key_padding_mask)
 
-        pre = self.normalize_before
-        src = residual_block(src, attend, self.norm1, self.dropout1, pre)
-        return residual_block(src, self._mlp, self.norm2, self.dropout2, pre)
+        src = self._sublayer(1, src, attend)
+        return self._sublayer(2, src, self._feed_forward)
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(_DETRLayer):
     """Self-attention, cross-attention to the memory, feed-forward (each residual + norm).
 
-    Args:
-        hidden_dim: channels C.
-        num_heads: attention heads.
-        dim_feedforward: inner width of the feed-forward block.
-        dropout: dropout probability everywhere in the layer.
-        activation: "relu", "gelu" or "glu".
-        normalize_before: pre-norm instead of post-norm.
+    Arguments as ``_DETRLayer``.
     """
 
-    def __init__(
-        self,
-        hidden_dim: int,
-        num_heads: int,
-        dim_feedforward: int = 2048,
-        *,
-        dropout: float = 0.1,
-        activation: str = "relu",
-        normalize_before: bool = False,
-    ) -> None:
-        super().__init__()
-        self.self_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
-        self.multihead_attn = MultiHeadAttention(hidden_dim, num_heads, dropout=dropout)
-        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
-        self.dropout = make_dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
-        self.norm1 = nn.LayerNorm(hidden_dim)
-        self.norm2 = nn.LayerNorm(hidden_dim)
-        self.norm3 = nn.LayerNorm(hidden_dim)
-        self.dropout1 = make_dropout(dropout)
-        self.dropout2 = make_dropout(dropout)
-        self.dropout3 = make_dropout(dropout)
-        self.activation = get_activation_fn(activation)
-        self.normalize_before = normalize_before
-
-    def _mlp(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+    cross_attention = True
 
     def forward(
         self,
@@ -155,10 +134,9 @@ class TransformerDecoderLayer(nn.Module):
             q = x if query_pos is None else x + query_pos
             return self.multihead_attn(q, keys, memory, key_padding_mask=memory_key_padding_mask)
 
-        pre = self.normalize_before
-        tgt = residual_block(tgt, self_attend, self.norm1, self.dropout1, pre)
-        tgt = residual_block(tgt, cross_attend, self.norm2, self.dropout2, pre)
-        return residual_block(tgt, self._mlp, self.norm3, self.dropout3, pre)
+        tgt = self._sublayer(1, tgt, self_attend)
+        tgt = self._sublayer(2, tgt, cross_attend)
+        return self._sublayer(3, tgt, self._feed_forward)
 
 
 class TransformerEncoder(nn.Module):
@@ -236,47 +214,66 @@ class TransformerDecoder(nn.Module):
         return torch.stack(outputs)
 
 
-def _encoder(
-    hidden_dim: int,
-    num_heads: int,
-    num_layers: int,
-    dim_feedforward: int,
-    dropout: float,
-    activation: str,
-    normalize_before: bool,
-) -> TransformerEncoder:
-    layers = [
-        TransformerEncoderLayer(
-            hidden_dim,
-            num_heads,
-            dim_feedforward,
-            dropout=dropout,
-            activation=activation,
-            normalize_before=normalize_before,
-        )
-        for _ in range(num_layers)
-    ]
-    # A final norm is only needed when the residual stream was never normalised.
-    return TransformerEncoder(layers, nn.LayerNorm(hidden_dim) if normalize_before else None)
-
-
 def _flatten(x: Tensor) -> Tensor:
     return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, S, C)
 
 
-class Transformer(nn.Module):
-    """DETR's encoder-decoder transformer, decoding learned queries from a feature map.
+class TransformerEncoderOnly(nn.Module):
+    """DETR's transformer encoder applied to a feature map (no decoder).
 
     Args:
         hidden_dim: channels C.
         num_heads: attention heads.
         num_encoder_layers: encoder depth (0 = the memory is the input itself).
-        num_decoder_layers: decoder depth.
         dim_feedforward: feed-forward width.
         dropout: dropout probability.
         activation: "relu", "gelu" or "glu".
         normalize_before: pre-norm instead of post-norm.
-        return_intermediate_dec: return every decoder layer's output.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int = 512,
+        num_heads: int = 8,
+        num_encoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        layer_args = dict(dropout=dropout, activation=activation, normalize_before=normalize_before)
+        layers = [
+            TransformerEncoderLayer(hidden_dim, num_heads, dim_feedforward, **layer_args)
+            for _ in range(num_encoder_layers)
+        ]
+        # A final norm is only needed when the residual stream was never normalised.
+        final_norm = nn.LayerNorm(hidden_dim) if normalize_before else None
+        self.encoder = TransformerEncoder(layers, final_norm)
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        xavier_init_matrices(self)
+
+    def _encode(
+        self, src: Tensor, mask: Optional[Tensor], pos_embed: Tensor
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Flattens and encodes: returns memory (B, S, C), pos (B or 1, S, C), padding (B, S)."""
+        pos = _flatten(pos_embed)
+        padding = None if mask is None else mask.flatten(1)
+        return self.encoder(_flatten(src), pos=pos, key_padding_mask=padding), pos, padding
+
+    def forward(self, src: Tensor, mask: Optional[Tensor], pos_embed: Tensor) -> Tensor:
+        """src: (B, C, H, W); mask: optional bool (B, H, W), True = padding; pos_embed:
+        (B or 1, C, H, W). Returns the encoded map, (B, C, H, W)."""
+        memory, _, _ = self._encode(src, mask, pos_embed)
+        return memory.transpose(1, 2).reshape(src.shape)  # (B, S, C) -> (B, C, H, W)
+
+
+class Transformer(TransformerEncoderOnly):
+    """DETR's encoder-decoder transformer, decoding learned queries from a feature map.
+
+    Args: those of ``TransformerEncoderOnly``, plus ``num_decoder_layers`` (decoder depth) and
+    ``return_intermediate_dec`` (return every decoder layer's output).
     """
 
     def __init__(
@@ -291,8 +288,7 @@ class Transformer(nn.Module):
         normalize_before: bool = False,
         return_intermediate_dec: bool = False,
     ) -> None:
-        super().__init__()
-        self.encoder = _encoder(
+        super().__init__(
             hidden_dim,
             num_heads,
             num_encoder_layers,
@@ -301,23 +297,15 @@ class Transformer(nn.Module):
             activation,
             normalize_before,
         )
+        layer_args = dict(dropout=dropout, activation=activation, normalize_before=normalize_before)
         decoder_layers = [
-            TransformerDecoderLayer(
-                hidden_dim,
-                num_heads,
-                dim_feedforward,
-                dropout=dropout,
-                activation=activation,
-                normalize_before=normalize_before,
-            )
+            TransformerDecoderLayer(hidden_dim, num_heads, dim_feedforward, **layer_args)
             for _ in range(num_decoder_layers)
         ]
         self.decoder = TransformerDecoder(
             decoder_layers, nn.LayerNorm(hidden_dim), return_intermediate=return_intermediate_dec
         )
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        xavier_init_matrices(self)
+        xavier_init_matrices(self.decoder)
 
     def forward(
         self, src: Tensor, mask: Optional[Tensor], query_embed: Tensor, pos_embed: Tensor
@@ -335,60 +323,10 @@ class Transformer(nn.Module):
                 are returned, else 1).
             memory: (B, C, H, W) encoder output.
         """
-        b, c, h, w = src.shape
-        memory = _flatten(src)  # (B, S, C)
-        pos = _flatten(pos_embed)  # (B or 1, S, C)
-        padding = None if mask is None else mask.flatten(1)  # (B, S)
-        memory = self.encoder(memory, pos=pos, key_padding_mask=padding)
+        memory, pos, padding = self._encode(src, mask, pos_embed)  # (B, S, C)
         query_pos = query_embed.unsqueeze(0)  # (1, Q, C)
-        tgt = torch.zeros_like(query_pos).expand(b, -1, -1)  # (B, Q, C)
+        tgt = torch.zeros_like(query_pos).expand(src.shape[0], -1, -1)  # (B, Q, C)
         hs = self.decoder(
             tgt, memory, pos=pos, query_pos=query_pos, memory_key_padding_mask=padding
         )
-        return hs, memory.transpose(1, 2).reshape(b, c, h, w)
-
-
-class TransformerEncoderOnly(nn.Module):
-    """DETR's transformer encoder applied to a feature map (no decoder).
-
-    Args:
-        hidden_dim: channels C.
-        num_heads: attention heads.
-        num_encoder_layers: encoder depth.
-        dim_feedforward: feed-forward width.
-        dropout: dropout probability.
-        activation: "relu", "gelu" or "glu".
-        normalize_before: pre-norm instead of post-norm.
-    """
-
-    def __init__(
-        self,
-        hidden_dim: int = 512,
-        num_heads: int = 8,
-        num_encoder_layers: int = 6,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str = "relu",
-        normalize_before: bool = False,
-    ) -> None:
-        super().__init__()
-        self.encoder = _encoder(
-            hidden_dim,
-            num_heads,
-            num_encoder_layers,
-            dim_feedforward,
-            dropout,
-            activation,
-            normalize_before,
-        )
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        xavier_init_matrices(self)
-
-    def forward(self, src: Tensor, mask: Optional[Tensor], pos_embed: Tensor) -> Tensor:
-        """src: (B, C, H, W); mask: optional bool (B, H, W), True = padding; pos_embed:
-        (B or 1, C, H, W). Returns the encoded map, (B, C, H, W)."""
-        b, c, h, w = src.shape
-        padding = None if mask is None else mask.flatten(1)  # (B, S)
-        memory = self.encoder(_flatten(src), pos=_flatten(pos_embed), key_padding_mask=padding)
-        return memory.transpose(1, 2).reshape(b, c, h, w)  # (B, S, C) -> (B, C, H, W)
+        return hs, memory.transpose(1, 2).reshape(src.shape)

@@ -527,7 +527,7 @@ class TestStandardTransformerDecoder(unittest.TestCase):
         self.assertIsInstance(dec, StandardTransformerDecoder)
         self.assertEqual(len(dec.transformer.encoder.layers), 0)
         self.assertEqual(len(dec.transformer.decoder.layers), 3)
-        self.assertTrue(dec.aux_loss)
+        self.assertTrue(dec.deep_supervision)
 
     def test_matches_naive_reference(self):
         torch.manual_seed(7)

@@ -1,13 +1,11 @@
 """Tests of tools/convert_swin_to_d2.py on synthetic checkpoints in the real key layouts."""
 
-import importlib.util
 import logging
 import os
 import pickle
 import re
 import tempfile
 import unittest
-from pathlib import Path
 from typing import Dict
 
 import numpy as np
@@ -15,11 +13,9 @@ import torch
 from torch import nn
 
 from mask2former_d2.modeling.backbone.swin import D2SwinTransformer, SwinTransformer
+from tests.common import load_script
 
-_TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_swin_to_d2.py"
-_spec = importlib.util.spec_from_file_location("convert_swin_to_d2", _TOOL)
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
+convert = load_script("tools/convert_swin_to_d2.py")
 
 TINY = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=7)
 NORMS = sorted(f"norm{i}.{k}" for i in range(4) for k in ("weight", "bias"))

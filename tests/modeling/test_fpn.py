@@ -57,7 +57,7 @@ def _with_encoder(pre_norm=False, layers=1, dropout=0.0):
     return TransformerEncoderPixelDecoder(
         _input_shape(),
         transformer_dropout=dropout,
-        transformer_num_heads=4,
+        transformer_nheads=4,
         transformer_dim_feedforward=48,
         transformer_enc_layers=layers,
         transformer_pre_norm=pre_norm,

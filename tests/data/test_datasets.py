@@ -1,7 +1,7 @@
 """Dataset registration, metadata, loaders and preparation scripts.
 
 Registration and metadata are checked for every dataset name the published configs use. Loaders
-and the ``datasets/prepare_*.py`` scripts run on the real samples in ``../shared/data`` (see its
+and the ``datasets/prepare_*.py`` scripts run on the real samples in ``tests.common.DATA`` (see its
 PROVENANCE.md), linked into a temporary ``$DETECTRON2_DATASETS``-style root; those tests are
 skipped when the shared folder is absent. ADE20K's instance annotations are not among the
 samples, so the panoptic/instance scripts get instance PNGs derived from the real semantic ones
@@ -38,20 +38,17 @@ from mask2former_d2.data.datasets.utils import (
     load_sem_seg_checked,
     register_lazy,
 )
+from tests import common
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("M2F_SHARED", ROOT.parent / "shared"))
-DATA = SHARED / "data"
+ROOT = Path(common.ROOT)
+DATA = Path(common.DATA)
 HAVE_DATA = (DATA / "PROVENANCE.md").is_file()
 NEEDS_DATA = unittest.skipUnless(HAVE_DATA, f"shared samples not found at {DATA}")
 
 
 def load_script(name: str):
     """Imports ``datasets/<name>.py`` (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(f"_m2f_{name}", ROOT / "datasets" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return common.load_script(f"datasets/{name}.py")
 
 
 def link(src: Path, dst: Path) -> None:

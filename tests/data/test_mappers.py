@@ -1,7 +1,7 @@
 """Tests of the training dataset mappers (mask2former_d2.data.mappers).
 
-Real samples come from /work/shared/data (see PROVENANCE.md there; override the root with
-MASK2FORMER_TEST_DATA). Every comparison is against an independent reference computed here
+Real samples come from ``tests.common.DATA`` (``$M2F_DATA`` or ``../shared/data``; see
+PROVENANCE.md there). Every comparison is against an independent reference computed here
 with PIL / numpy / pycocotools: with no-op augmentations the target masks must equal the
 annotation exactly, with a flip they must equal the flipped annotation. Bad inputs are
 synthetic files in a temporary directory.
@@ -38,8 +38,8 @@ from mask2former_d2.data.mappers import (
     MaskFormerSemanticDatasetMapper,
     build_dataset_mapper,
 )
+from tests.common import DATA
 
-DATA = os.environ.get("MASK2FORMER_TEST_DATA", "/work/shared/data")
 COCO_ROOT = os.path.join(DATA, "coco")
 ADE_ROOT = os.path.join(DATA, "ADEChallengeData2016")
 CITYSCAPES_ROOT = os.path.join(DATA, "cityscapes")
@@ -49,7 +49,7 @@ MAPILLARY_ROOT = os.path.join(DATA, "mapillary_vistas")
 def _skip_unless_exists(path: str):
     return unittest.skipUnless(
         os.path.exists(path),
-        f"real sample {path} not found (set MASK2FORMER_TEST_DATA; see PROVENANCE.md)",
+        f"real sample {path} not found (set M2F_DATA; see PROVENANCE.md)",
     )
 
 

@@ -9,8 +9,7 @@ from detectron2.modeling import build_backbone
 
 from mask2former_d2.config import get_maskformer_cfg
 from mask2former_d2.modeling.backbone.fold_bn import FoldedFrozenBNConv2d, fold_frozen_batchnorm
-
-from .common import ROOT
+from tests.common import ROOT
 
 R50 = f"{ROOT}/configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"
 

@@ -1,7 +1,6 @@
 """MSDeformAttnPixelDecoder: checkpoint names, shapes at odd sizes, config wiring, gradients."""
 
 import math
-import os
 import pickle
 import unittest
 from pathlib import Path
@@ -17,10 +16,9 @@ from mask2former_d2.modeling.pixel_decoder.msdeformattn import (
     MSDeformAttnPixelDecoder,
     MSDeformAttnTransformerEncoder,
 )
+from tests.common import SHARED
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("M2F_SHARED", ROOT.parent / "shared"))
-FIXTURE_WEIGHTS = SHARED / "fixtures" / "parity" / "m2f_r18_coco_panoptic" / "weights.pkl"
+FIXTURE_WEIGHTS = Path(SHARED) / "fixtures" / "parity" / "m2f_r18_coco_panoptic" / "weights.pkl"
 
 CHANNELS = {"res2": 16, "res3": 24, "res4": 40, "res5": 48}
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}

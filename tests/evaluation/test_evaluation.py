@@ -8,9 +8,9 @@ from detectron2.data.datasets import register_coco_panoptic
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
 
 from mask2former_d2.evaluation import InstanceSegEvaluator
-from tests.common import SHARED
+from tests.common import DATA
 
-COCO = os.path.join(SHARED, "data", "coco")
+COCO = os.path.join(DATA, "coco")
 
 
 @unittest.skipUnless(os.path.isdir(COCO), f"{COCO} is absent (real COCO sample from ../shared)")

@@ -8,7 +8,7 @@ import unittest
 
 import cv2
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.common import ROOT
 
 
 class TestQuickstart(unittest.TestCase):

@@ -26,13 +26,14 @@ from detectron2.utils.visualizer import Visualizer
 
 from mask2former_d2 import add_maskformer2_config
 from mask2former_d2.predictor import Predictor, VisualizationDemo, filter_instances
+from tests.common import DATA
+from tests.common import ROOT as REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_SCRIPT = os.path.join(REPO_ROOT, "demo", "demo.py")
-SHARED_IMAGE = "/work/shared/data/coco/val2017/000000142238.jpg"
-SHARED_VIDEO = "/work/shared/data/video/mmpose_demo.mp4"
-NO_SHARED_IMAGE = f"shared test image {SHARED_IMAGE} is not available on this machine"
-NO_SHARED_VIDEO = f"shared test video {SHARED_VIDEO} is not available on this machine"
+SHARED_IMAGE = os.path.join(DATA, "coco", "val2017", "000000142238.jpg")
+SHARED_VIDEO = os.path.join(DATA, "video", "mmpose_demo.mp4")
+NO_SHARED_IMAGE = f"shared test image {SHARED_IMAGE} not found (set M2F_DATA)"
+NO_SHARED_VIDEO = f"shared test video {SHARED_VIDEO} not found (set M2F_DATA)"
 
 # A tiny Mask2Former: small enough to build and run on a CPU in about a second.
 TINY_CONFIG = """\

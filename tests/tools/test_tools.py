@@ -2,13 +2,11 @@
 on synthetic weights (randomly initialised torchvision ResNets, tiny MaskFormer models)."""
 
 import contextlib
-import importlib.util
 import io
 import os
 import pickle
 import tempfile
 import unittest
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -24,17 +22,11 @@ from torch.nn import functional as F
 
 from mask2former_d2 import get_maskformer_cfg
 from mask2former_d2.checkpoint import MaskFormerCheckpointer
-
-from .common import TINY_CONFIG, tiny_cfg
-
-_TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from tests.common import TINY_CONFIG, load_script, tiny_cfg
 
 
 def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, _TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 convert = _load_tool("convert_torchvision_to_d2")

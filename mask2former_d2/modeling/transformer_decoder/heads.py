@@ -1,0 +1,101 @@
+"""Pieces shared by the query decoders (MaskFormer's and Mask2Former's).
+
+Shapes: B batch, Q queries, K classes (+1 = no-object), C channels (``hidden_dim``),
+E mask-embedding channels (``mask_dim``).
+"""
+
+from typing import Any, Dict, Optional, Sequence
+
+import fvcore.nn.weight_init as weight_init
+from detectron2.config import CfgNode
+from detectron2.layers import Conv2d
+from torch import Tensor, nn
+
+from .layers import MLP, aux_predictions
+
+__all__ = ["QueryHeadsMixin", "check_num_heads", "decoder_config", "input_projection"]
+
+
+def check_num_heads(hidden_dim: int, num_heads: int) -> None:
+    """Raises ValueError unless ``num_heads`` divides ``hidden_dim``."""
+    if num_heads < 1 or hidden_dim % num_heads != 0:
+        raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
+
+
+def decoder_config(cfg: CfgNode, in_channels: int, mask_classification: bool) -> Dict[str, Any]:
+    """The constructor arguments both query decoders read from ``cfg``.
+
+    Args of the decoders they fill:
+        in_channels: channels of the input features.
+        mask_classification: predict class logits as well as masks.
+        num_classes: number of classes K (the no-object class is added).
+        hidden_dim: transformer channels C.
+        num_queries: number of queries Q.
+        num_heads: attention heads; must divide ``hidden_dim``.
+        dim_feedforward: feed-forward width.
+        pre_norm: pre-norm instead of post-norm layers.
+        mask_dim: channels E of the mask features.
+        enforce_input_project: keep the 1x1 input projection(s) even when
+            ``in_channels == hidden_dim``.
+    """
+    mf = cfg.MODEL.MASK_FORMER
+    return {
+        "in_channels": in_channels,
+        "mask_classification": mask_classification,
+        "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        "hidden_dim": mf.HIDDEN_DIM,
+        "num_queries": mf.NUM_OBJECT_QUERIES,
+        "num_heads": mf.NHEADS,
+        "dim_feedforward": mf.DIM_FEEDFORWARD,
+        "pre_norm": mf.PRE_NORM,
+        "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+        "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
+    }
+
+
+def input_projection(in_channels: int, hidden_dim: int, enforce: bool) -> nn.Module:
+    """A Xavier-initialised 1x1 conv from ``in_channels`` to ``hidden_dim``, or an identity
+    (an empty ``nn.Sequential``, as in the published checkpoints) when the widths match and
+    ``enforce`` is False."""
+    if in_channels == hidden_dim and not enforce:
+        return nn.Sequential()
+    proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
+    weight_init.c2_xavier_fill(proj)
+    return proj
+
+
+class QueryHeadsMixin:
+    """The prediction heads of a query decoder (an ``nn.Module`` mixin).
+
+    ``_init_query_heads`` registers ``class_embed`` (a linear layer to
+    K+1 logits, only with mask classification) and ``mask_embed`` (a 3-layer MLP to E
+    channels), the checkpoint names. ``_pack_predictions`` turns per-layer predictions into
+    the decoder output dict.
+    """
+
+    def _init_query_heads(
+        self, hidden_dim: int, num_classes: int, mask_dim: int, mask_classification: bool
+    ) -> None:
+        self.mask_classification = mask_classification
+        if mask_classification:
+            self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    @staticmethod
+    def _pack_predictions(
+        logits: Optional[Sequence[Tensor]], masks: Sequence[Tensor], with_aux: bool = True
+    ) -> Dict[str, Any]:
+        """``pred_masks`` (and ``pred_logits`` when ``logits`` is given) from the last entry;
+        with ``with_aux``, ``aux_outputs`` from the others.
+
+        Args:
+            logits: per-layer (B, Q, K+1) class logits, or None without mask classification.
+            masks: per-layer (B, Q, Hm, Wm) mask logits.
+            with_aux: add the ``aux_outputs`` list.
+        """
+        out: Dict[str, Any] = {"pred_masks": masks[-1]}
+        if logits is not None:
+            out["pred_logits"] = logits[-1]
+        if with_aux:
+            out["aux_outputs"] = aux_predictions(logits, masks)
+        return out
