@@ -4,6 +4,7 @@ Runs ``../shared/tools/parity_video.py check`` as a developer would: it builds `
 from the fixture's config, loads the released-format checkpoint through Detectron2's
 checkpointer (strict key matching) and compares the 10 per-video predictions.
 """
+import os
 import subprocess
 import sys
 import unittest
@@ -29,6 +30,8 @@ class TestVideoParity(unittest.TestCase):
                 proc = subprocess.run(
                     [sys.executable, str(TOOL), "check", "--fixture", str(fixture)],
                     cwd=ROOT,
+                    # This checkout's package, even where another one is installed.
+                    env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
                     capture_output=True,
                     text=True,
                     timeout=600,
