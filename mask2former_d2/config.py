@@ -123,6 +123,22 @@ def add_maskformer2_video_config(cfg: CN) -> None:
     # Extra clip-consistent augmentations: any of "brightness", "contrast", "saturation", "rotation".
     cfg.INPUT.AUGMENTATIONS = []
 
+    # Video inference (keys of this project; the defaults give the published outputs). Needs the
+    # MODEL.MASK_FORMER node of add_maskformer2_config, which is added first if missing.
+    if "MASK_FORMER" not in cfg.MODEL:
+        add_maskformer2_config(cfg)
+    test = cfg.MODEL.MASK_FORMER.TEST
+    # The backbone and pixel decoder run over this many frames at a time (<= 0: all at once);
+    # outputs do not depend on it, only memory does.
+    test.FRAME_CHUNK_SIZE = 8
+    # Predictions ((query, class) pairs) kept per video.
+    test.TOPK_PER_VIDEO = 10
+    # > 0: decode clips longer than this in windows of WINDOW_SIZE frames overlapping by
+    # WINDOW_OVERLAP frames, tracks associated across windows by mask similarity on the overlap
+    # (bounded memory for any length, but different outputs); 0: the whole clip at once.
+    test.WINDOW_SIZE = 0
+    test.WINDOW_OVERLAP = 0
+
 
 def _all_keys(node: CN, prefix: str = "") -> list:
     keys = []

@@ -13,6 +13,10 @@ Each query is matched one-to-one to a segment by ``HungarianMatcher``; then
   and dice on P points chosen by PointRend importance sampling; ``"full"`` (MaskFormer) upsamples
   the predictions to the target size and evaluates sigmoid focal loss and dice on every pixel.
 
+Video (Mask2Former-VIS): with (B, Q, F, H, W) predictions and (T, F, Hm, Wm) target tracks, the
+matcher works on whole tracks and the mask losses treat each frame of a matched pair as one mask
+(points sampled per frame), still normalised by the number of tracks.
+
 The criterion returns unweighted losses; the meta-architecture scales them by ``weight_dict``
 and drops the keys it does not hold. Auxiliary (deep supervision) outputs get the same losses
 with a ``_{i}`` suffix.
@@ -244,7 +248,7 @@ class SetCriterion(nn.Module):
     def _matched_target_masks(
         targets: List[Dict[str, Tensor]], indices: List[Tuple[Tensor, Tensor]], device: torch.device
     ) -> Tensor:
-        """The N matched target masks, zero-padded to the batch size: float32 (N, Hm, Wm)."""
+        """The N matched target masks, zero-padded to the batch size: float32 (N, [F,] Hm, Wm)."""
         size = batch_mask_size(targets)
         picked = [
             pad_masks(t["masks"][tgt.to(t["masks"].device)], size)
@@ -293,16 +297,17 @@ class SetCriterion(nn.Module):
         num_masks: float,
     ) -> Dict[str, Tensor]:
         """``loss_mask`` and ``loss_dice`` of the matched pairs (see ``mask_loss_type``)."""
-        pred_masks = outputs["pred_masks"]  # (B, Q, H, W)
+        pred_masks = outputs["pred_masks"]  # (B, Q, [F,] H, W)
         batch_idx, query_idx = self._query_index(indices, pred_masks.device)
         if batch_idx.numel() == 0:
             # No segment in the batch: a zero that still reaches every mask logit, so all
             # parameters get a (zero) gradient, as DDP requires.
             zero = pred_masks.float().sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
-        tgt_masks = self._matched_target_masks(targets, indices, pred_masks.device)  # (N, Hm, Wm)
+        # Frames of a video track are masks of their own: (N*F, Hm, Wm) and (N*F, 1, H, W).
+        tgt_masks = self._matched_target_masks(targets, indices, pred_masks.device).flatten(0, -3)
         with torch.autocast(device_type=pred_masks.device.type, enabled=False):
-            src_masks = pred_masks[batch_idx, query_idx].float()[:, None]  # (N, 1, H, W)
+            src_masks = pred_masks[batch_idx, query_idx].float().flatten(0, -3)[:, None]
             if self.mask_loss_type == "point":
                 logits, labels = self._point_logits_and_labels(src_masks, tgt_masks)
                 loss_mask = sigmoid_bce_loss(logits, labels, num_masks)
@@ -349,11 +354,12 @@ class SetCriterion(nn.Module):
         """Computes the unweighted losses.
 
         Args:
-            outputs: ``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, H, W) and optionally
-                ``aux_outputs``, a list of dicts with the same two keys.
+            outputs: ``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, H, W) (video:
+                (B, Q, F, H, W)) and optionally ``aux_outputs``, a list of dicts with the same
+                two keys.
             targets: B dicts with ``labels`` (T,) int64 in [0, K) and ``masks`` (T, Hm, Wm)
-                binary masks aligned with the padded input image (different sizes are
-                zero-padded at the bottom/right to the largest).
+                binary masks (video: (T, F, Hm, Wm) tracks) aligned with the padded input image
+                (different sizes are zero-padded at the bottom/right to the largest).
 
         Returns:
             ``loss_ce``, ``loss_mask``, ``loss_dice`` (as selected by ``losses``) and, for the

@@ -1,6 +1,6 @@
 """MaskFormerHead: a pixel decoder followed by a transformer decoder."""
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
@@ -140,6 +140,14 @@ class MaskFormerHead(nn.Module):
             the transformer decoder's dict: ``pred_logits`` (B, Q, K+1), ``pred_masks``
             (B, Q, H/4, W/4) and ``aux_outputs``.
         """
+        x, mask_features = self.decoder_inputs(features)
+        return self.predictor(x, mask_features, mask)
+
+    def decoder_inputs(self, features: Dict[str, Tensor]) -> Tuple[Any, Tensor]:
+        """Runs the pixel decoder: ``(x, mask_features)``, what the transformer decoder reads
+        (a list of feature maps or one map, per ``transformer_in_feature``) and the
+        (B, MASK_DIM, H/4, W/4) per-pixel embeddings. Every image of the batch is independent
+        here, so a batch may be processed in parts."""
         mask_features, encoder_features, multi_scale_features = self.pixel_decoder.forward_features(
             features
         )
@@ -158,4 +166,4 @@ class MaskFormerHead(nn.Module):
             x = mask_features
         else:
             x = features[source]
-        return self.predictor(x, mask_features, mask)
+        return x, mask_features

@@ -12,6 +12,10 @@ drawn uniformly at random in [0, 1]^2, shared by every query and segment of the 
 Mask2Former recipe). With ``num_points=0`` the mask terms use every pixel of the prediction grid
 instead, with the targets resized to it (the original MaskFormer recipe, used with
 ``mask_cost="focal"``).
+
+Video (Mask2Former-VIS): predictions (Q, T, H, W) and targets (T, T_frames, Hm, Wm) of a clip are
+matched the same way, with the P points shared by all frames and every cost taken over the
+T_frames * P values of a track.
 """
 
 import logging
@@ -39,7 +43,7 @@ _NONFINITE_COST = 1e8
 
 
 def pad_masks(masks: Tensor, size: Sequence[int]) -> Tensor:
-    """Zero-pads (N, h, w) masks at the bottom and right to (N, *size).
+    """Zero-pads (N, [T,] h, w) masks at the bottom and right to (N, [T,] *size).
 
     Images of a batch are padded the same way, so a target padded to the batch size stays
     aligned with a prediction that covers the padded image.
@@ -48,8 +52,8 @@ def pad_masks(masks: Tensor, size: Sequence[int]) -> Tensor:
     if (h, w) == tuple(size):
         return masks
     assert h <= size[0] and w <= size[1], (masks.shape, size)
-    out = masks.new_zeros((masks.shape[0], size[0], size[1]))
-    out[:, :h, :w] = masks
+    out = masks.new_zeros(masks.shape[:-2] + (size[0], size[1]))
+    out[..., :h, :w] = masks
     return out
 
 
@@ -184,18 +188,24 @@ class HungarianMatcher(nn.Module):
         """Mask logits (Q, P) and target values (T, P) at the points the costs average over.
 
         Args:
-            pred_masks: (Q, H, W) float32 logits.
-            tgt_masks: (T, Hm, Wm) float32 targets, padded to the batch size.
+            pred_masks: (Q, [F,] H, W) float32 logits (F frames of a clip, if any).
+            tgt_masks: (T, [F,] Hm, Wm) float32 targets, padded to the batch size.
+
+        With frames, each row holds the F * P values of a track, frame-major.
         """
+        num_pred, num_tgt = pred_masks.shape[0], tgt_masks.shape[0]
+        # Queries (and segments, and frames) as channels of a single sample.
+        pred = pred_masks.reshape((1, -1) + tuple(pred_masks.shape[-2:]))  # (1, Q*F, H, W)
+        tgt = tgt_masks.reshape((1, -1) + tuple(tgt_masks.shape[-2:]))  # (1, T*F, Hm, Wm)
         if self.num_points == 0:
-            tgt = F.interpolate(tgt_masks[None], size=pred_masks.shape[-2:], mode="nearest")
-            return pred_masks.flatten(1), tgt[0].flatten(1)  # (Q, H*W), (T, H*W)
-        # One set of points for the whole image: with queries (and segments) as channels of a
-        # single sample, one grid_sample call reads all of them at the same locations.
+            tgt = F.interpolate(tgt, size=pred.shape[-2:], mode="nearest")
+            return pred.reshape(num_pred, -1), tgt.reshape(num_tgt, -1)  # (Q, F*H*W), (T, F*H*W)
+        # One set of points for the whole image (clip): one grid_sample call reads every query,
+        # segment and frame at the same locations.
         coords = torch.rand(1, self.num_points, 2, device=pred_masks.device)  # (1, P, 2)
-        pred = point_sample(pred_masks[None], coords, align_corners=False)  # (1, Q, P)
-        tgt = point_sample(tgt_masks[None], coords, align_corners=False)  # (1, T, P)
-        return pred[0], tgt[0]
+        pred = point_sample(pred, coords, align_corners=False)  # (1, Q*F, P)
+        tgt = point_sample(tgt, coords, align_corners=False)  # (1, T*F, P)
+        return pred.reshape(num_pred, -1), tgt.reshape(num_tgt, -1)  # (Q, F*P), (T, F*P)
 
     def _finite(self, cost: Tensor) -> Tensor:
         """Replaces NaN/inf entries so the assignment solver always runs."""
@@ -221,9 +231,10 @@ class HungarianMatcher(nn.Module):
 
         Args:
             pred_logits: (Q, K+1) class logits.
-            pred_masks: (Q, H, W) mask logits.
+            pred_masks: (Q, H, W) mask logits, or (Q, F, H, W) for a clip of F frames.
             labels: (T,) int64 class ids in [0, K).
-            tgt_masks: (T, Hm, Wm) binary masks, already padded to the batch size.
+            tgt_masks: (T, Hm, Wm) binary masks (or (T, F, Hm, Wm)), already padded to the
+                batch size.
 
         Returns:
             (Q, T) costs; may hold NaN/inf if the predictions do.
@@ -247,10 +258,12 @@ class HungarianMatcher(nn.Module):
         """Matches each image's queries to its segments.
 
         Args:
-            outputs: ``pred_logits`` (B, Q, K+1) and ``pred_masks`` (B, Q, H, W) logits.
+            outputs: ``pred_logits`` (B, Q, K+1) and ``pred_masks`` (B, Q, H, W) logits
+                (video: (B, Q, F, H, W)).
             targets: B dicts with ``labels`` (T,) int64 class ids in [0, K) and ``masks``
-                (T, Hm, Wm) binary masks, aligned with the (padded) input image; images of
-                different sizes are zero-padded at the bottom/right to the largest.
+                (T, Hm, Wm) binary masks (video: (T, F, Hm, Wm) tracks), aligned with the
+                (padded) input image; images of different sizes are zero-padded at the
+                bottom/right to the largest.
 
         Returns:
             B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors of length min(Q, T): query

@@ -51,6 +51,8 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
 
     _version = 2
     num_feature_levels = 3
+    # Position encoding of the memory (subclasses with a time axis use the 3-D one).
+    position_encoding = PositionEmbeddingSine
 
     @configurable
     def __init__(
@@ -87,7 +89,7 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
         self.num_queries = num_queries
         self.aux_outputs_in_eval = aux_outputs_in_eval
 
-        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.pe_layer = self.position_encoding(hidden_dim // 2, normalize=True)
         # Mask2Former uses no dropout in its decoder.
         self.transformer_self_attention_layers = nn.ModuleList(
             SelfAttentionLayer(hidden_dim, num_heads, normalize_before=pre_norm)
@@ -170,18 +172,19 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
                 f"{type(self).__name__} expects {self.num_feature_levels} feature maps, "
                 f"got {len(x)}"
             )
+        batch, frames = self._clip_layout(mask_features)
         sizes: List[Tuple[int, int]] = []
         memories, keys = [], []
         for lvl, feat in enumerate(x):
             sizes.append((feat.shape[-2], feat.shape[-1]))
-            # The position encoding does not depend on the image: compute it for one.
-            pos = _flatten(self.pe_layer(feat[:1]))  # (1, S_l, C)
-            memory = self.input_proj[lvl](feat).flatten(2)  # (B, C, S_l)
-            memory = _flatten(memory + self.level_embed.weight[lvl][:, None])  # (B, S_l, C)
+            pos = self._memory_position(feat, frames)  # (1, S_l, C)
+            memory = self.input_proj[lvl](feat).flatten(2)  # (B*T, C, h*w)
+            memory = memory + self.level_embed.weight[lvl][:, None]
+            # One sequence per clip, frame-major: (B, T*h*w, C) = (B, S_l, C).
+            memory = memory.unflatten(0, (batch, frames)).transpose(2, 3).reshape(batch, -1, memory.shape[1])
             memories.append(memory)
             keys.append(memory + pos)  # keys carry the position encoding, values do not
 
-        batch = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0)  # (1, Q, C)
         output = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, C)
 
@@ -206,31 +209,47 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
             if keep_all or last:
                 if self.mask_classification:
                     logits.append(self.class_embed(decoded))  # (B, Q, K+1)
-                mask_logits = torch.einsum("bqe,behw->bqhw", embed, mask_features)
-                masks.append(mask_logits)  # (B, Q, Hm, Wm)
+                mask_logits = self._mask_logits(embed, mask_features)
+                masks.append(mask_logits)  # (B, Q, [T,] Hm, Wm)
             if last:
                 break
 
             # Attention mask for the next layer, at the resolution of the level it reads.
             lvl = i % self.num_feature_levels
             if mask_logits is not None:
+                # Frames (if any) are resized as separate maps: (B, Q*T, Hm, Wm).
                 low = F.interpolate(
-                    mask_logits, size=sizes[lvl], mode="bilinear", align_corners=False
-                )  # (B, Q, H_l, W_l)
+                    mask_logits.flatten(1, -3), size=sizes[lvl], mode="bilinear", align_corners=False
+                ).view(mask_logits.shape[:-2] + sizes[lvl])  # (B, Q, [T,] H_l, W_l)
             else:
                 if lvl not in level_mask_features:
                     level_mask_features[lvl] = _resize_per_channel(mask_features, sizes[lvl])
-                low = torch.einsum("bqe,behw->bqhw", embed, level_mask_features[lvl])
+                low = self._mask_logits(embed, level_mask_features[lvl])
             attn_mask = _attention_mask(low)
 
         return self._pack_predictions(logits if self.mask_classification else None, masks)
 
+    # Hooks for subclasses whose batch items are clips of T frames (see the video decoder); an
+    # image is a clip of one frame without a time axis.
+    def _clip_layout(self, mask_features: Tensor) -> Tuple[int, int]:
+        """(B, T): clips and frames per clip of the (B*T, E, Hm, Wm) frame batch."""
+        return mask_features.shape[0], 1
+
+    def _memory_position(self, feat: Tensor, frames: int) -> Tensor:
+        """(1, S_l, C) position encoding of one clip's memory at a level, from its
+        (B*T, C, H_l, W_l) features; it does not depend on the clip's content."""
+        return _flatten(self.pe_layer(feat[:1]))
+
+    def _mask_logits(self, embed: Tensor, mask_features: Tensor) -> Tensor:
+        """(B, Q, Hm, Wm) mask logits from (B, Q, E) embeddings and (B, E, Hm, Wm) features."""
+        return torch.einsum("bqe,behw->bqhw", embed, mask_features)
+
 
 def _attention_mask(mask_logits: Tensor) -> Tensor:
-    """Masked-attention mask from mask logits (B, Q, h, w): bool (B, Q, h*w), True where
-    the predicted probability is below 0.5, except for queries that would be fully
-    blocked, which attend everywhere."""
-    blocked = (mask_logits.detach().sigmoid() < 0.5).flatten(2)  # (B, Q, h*w)
+    """Masked-attention mask from mask logits (B, Q, h, w) (or (B, Q, T, h, w)): bool
+    (B, Q, h*w) (or (B, Q, T*h*w), frame-major), True where the predicted probability is
+    below 0.5, except for queries that would be fully blocked, which attend everywhere."""
+    blocked = (mask_logits.detach().sigmoid() < 0.5).flatten(2)  # (B, Q, [T*]h*w)
     return blocked & ~blocked.all(dim=-1, keepdim=True)
 
 

@@ -1,6 +1,7 @@
-"""Sine position encoding of 2-D feature maps (as in DETR and the published Mask2Former).
+"""Sine position encodings of 2-D feature maps (as in DETR and the published Mask2Former) and of
+clips of them (the published Mask2Former-VIS).
 
-Shapes: B batch, C channels (= 2 * num_pos_feats), H/W spatial.
+Shapes: B batch, T frames, C channels (= 2 * num_pos_feats), H/W spatial.
 """
 import math
 from typing import Optional
@@ -54,13 +55,50 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
 
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-
-        pos_x = x_embed[:, :, :, None] / dim_t  # (B, H, W, F)
-        pos_y = y_embed[:, :, :, None] / dim_t
-        # Interleave sin of even and cos of odd frequencies: (B, H, W, F/2, 2) -> (B, H, W, F)
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        dim_t = _frequencies(self.num_pos_feats, self.temperature, x.device)
+        pos_x = _sine(x_embed, dim_t)  # (B, H, W, F)
+        pos_y = _sine(y_embed, dim_t)
         pos = torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, C, H, W)
         return pos.to(x.dtype)
+
+
+class PositionEmbeddingSine3D(PositionEmbeddingSine):
+    """Sine encoding of the (t, y, x) position of every pixel of a clip (Mask2Former-VIS).
+
+    The (y, x) part is :class:`PositionEmbeddingSine`'s, per frame; the time term has
+    ``2 * num_pos_feats`` features of its own frequency table (over ``2 * num_pos_feats``) and
+    is *added* to it, not concatenated. With ``normalize`` the frame index is scaled over the
+    clip, so the encoding depends on the clip length T.
+    """
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """x: (B, T, *, H, W); mask: optional (B, T, H, W) bool, True = padding. Returns
+        (B, T, C, H, W) in x's dtype."""
+        if x.dim() < 4:
+            raise ValueError(f"PositionEmbeddingSine3D expects (B, T, *, H, W) inputs, got {tuple(x.shape)}")
+        b, t, h, w = x.shape[0], x.shape[1], x.shape[-2], x.shape[-1]
+        if mask is None:
+            # No padding: the spatial part is the same for every frame, the time part for every pixel.
+            spatial = super().forward(x[:1, 0])[:, None]  # (1, 1, C, H, W)
+            z_embed = torch.arange(1, t + 1, device=x.device, dtype=torch.float32).view(1, t, 1, 1)
+        else:
+            spatial = super().forward(x.flatten(0, 1), mask.flatten(0, 1)).unflatten(0, (b, t))
+            z_embed = (~mask).cumsum(1, dtype=torch.float32)  # (B, T, H, W)
+        if self.normalize:
+            z_embed = z_embed / (z_embed[:, -1:] + 1e-6) * self.scale
+        dim_t = _frequencies(2 * self.num_pos_feats, self.temperature, x.device)
+        pos_t = _sine(z_embed, dim_t).permute(0, 1, 4, 2, 3)  # (B or 1, T, C, H or 1, W or 1)
+        pos = (spatial.float() + pos_t).expand(b, t, -1, h, w)
+        return pos.to(x.dtype)
+
+
+def _frequencies(num_feats: int, temperature: int, device: torch.device) -> Tensor:
+    """(F,) divisors: ``temperature ** (2 * (i // 2) / F)``, each pair shared by a sin and a cos."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
+    return temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+
+
+def _sine(embed: Tensor, dim_t: Tensor) -> Tensor:
+    """(...) positions -> (..., F): sin of the even and cos of the odd frequencies, interleaved."""
+    pos = embed[..., None] / dim_t  # (..., F)
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)

@@ -1,0 +1,297 @@
+"""The Mask2Former-VIS meta-architecture: MaskFormer over clips of frames.
+
+Shapes: B clips, T frames, Q queries (one track each), K classes (+1 = no-object), N ground-truth
+tracks of a clip, Hp/Wp the padded frame size, Hm/Wm = Hp/4, Wp/4 the mask-logit size, h/w a
+frame's own (resized) size, H/W the requested output size.
+"""
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import BitMasks, ImageList, Instances
+from torch import Tensor
+from torch.nn import functional as F
+
+from ..meta_arch import MaskFormer
+from ..postprocessing import MaskLogitRows
+from .windows import WindowTracks
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VideoMaskFormer"]
+
+
+@META_ARCH_REGISTRY.register()
+class VideoMaskFormer(MaskFormer):
+    """Video instance segmentation: one query per track through the whole clip.
+
+    A batch item is a clip whose ``"image"`` is a list of T (C, H, W) frames; all frames go
+    through the backbone and the pixel decoder as images, the transformer decoder
+    (:class:`VideoMultiScaleMaskedTransformerDecoder`) attends over all of them at once.
+
+    Training returns the weighted losses of the criterion (the image one: a clip's masks are
+    (N, T, H, W), points are shared by the frames of a clip). Inference takes one clip and
+    returns the published per-video dict: ``image_size``, ``pred_scores``, ``pred_labels`` and
+    ``pred_masks`` (the ``test_topk_per_video`` best (query, class) pairs, best first; boolean
+    (T, H, W) masks). Beyond the published model, inference runs the backbone and pixel decoder
+    over ``frame_chunk_size`` frames at a time and makes the full-resolution masks one frame at a
+    time (same outputs, memory no longer dominated by T x full-size masks), and can process long
+    clips in overlapping windows (``window_size`` > 0; changes outputs, see
+    :class:`~.windows.WindowTracks`).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_frames: int,
+        frame_chunk_size: int = 0,
+        test_topk_per_video: int = 10,
+        window_size: int = 0,
+        window_overlap: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            num_frames: frames per training clip (``INPUT.SAMPLING_FRAME_NUM``).
+            frame_chunk_size: inference runs the backbone and pixel decoder over this many
+                frames at a time; <= 0 runs all frames at once. Outputs do not depend on it.
+            test_topk_per_video: predictions kept per video (10 as published).
+            window_size: > 0 decodes the clip in windows of this many frames whose tracks are
+                associated on the overlapping frames (changes outputs); 0 decodes the whole clip.
+            window_overlap: frames shared by consecutive windows (0 <= overlap < window_size).
+            kwargs: as for :class:`MaskFormer` (its semantic/panoptic/instance flags are unused).
+        """
+        kwargs.setdefault("semantic_on", False)
+        kwargs.setdefault("instance_on", True)
+        super().__init__(**kwargs)
+        if num_frames < 1:
+            raise ValueError(f"INPUT.SAMPLING_FRAME_NUM must be >= 1, got {num_frames}")
+        if test_topk_per_video < 1:
+            raise ValueError(f"test_topk_per_video must be >= 1, got {test_topk_per_video}")
+        if window_size < 0 or (window_size and not 0 <= window_overlap < window_size):
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST.WINDOW_SIZE must be >= 0 and WINDOW_OVERLAP in "
+                f"[0, WINDOW_SIZE); got WINDOW_SIZE={window_size}, WINDOW_OVERLAP={window_overlap}"
+            )
+        self.num_frames = num_frames
+        self.frame_chunk_size = frame_chunk_size
+        self.test_topk_per_video = test_topk_per_video
+        self.window_size = window_size
+        self.window_overlap = window_overlap
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
+        ret = super().from_config(cfg)
+        test = cfg.MODEL.MASK_FORMER.TEST
+        # Video inference gives per-video instances only (as published), whatever these say.
+        ret.update(semantic_on=False, panoptic_on=False, instance_on=True)
+        ret["sem_seg_postprocess_before_inference"] = True
+        del ret["test_topk_per_image"]
+        ret.update(
+            num_frames=cfg.INPUT.SAMPLING_FRAME_NUM,
+            frame_chunk_size=test.FRAME_CHUNK_SIZE,
+            test_topk_per_video=test.TOPK_PER_VIDEO,
+            window_size=test.WINDOW_SIZE,
+            window_overlap=test.WINDOW_OVERLAP,
+        )
+        return ret
+
+    # ------------------------------------------------------------------ inputs
+    def _frames(self, batched_inputs: List[Dict[str, Any]]) -> List[Tensor]:
+        """All frames of the batch, clip-major, checked: list of (C, H, W) tensors."""
+        channels = self.pixel_mean.shape[0]
+        frames = []
+        for i, video in enumerate(batched_inputs):
+            clip = video.get("image") if isinstance(video, dict) else None
+            if not isinstance(clip, (list, tuple)) or not clip:
+                raise ValueError(
+                    f"batched_inputs[{i}]['image'] must be a non-empty list of ({channels}, H, W) "
+                    f"frames; got {type(clip).__name__}"
+                )
+            for t, frame in enumerate(clip):
+                if not isinstance(frame, Tensor) or frame.dim() != 3 or frame.shape[0] != channels:
+                    got = tuple(frame.shape) if isinstance(frame, Tensor) else type(frame).__name__
+                    raise ValueError(
+                        f"batched_inputs[{i}]['image'][{t}] must be a ({channels}, H, W) tensor in "
+                        f"INPUT.FORMAT channel order; got {got}"
+                    )
+                frames.append(frame)
+        return frames
+
+    def _normalize(self, frame: Tensor) -> Tensor:
+        return (frame.to(self.device) - self.pixel_mean) / self.pixel_std
+
+    def _padded_size(self, frames: Sequence[Tensor]) -> Tuple[int, int]:
+        """(Hp, Wp): the largest frame size rounded up to ``size_divisibility``."""
+        h = max(int(f.shape[-2]) for f in frames)
+        w = max(int(f.shape[-1]) for f in frames)
+        d = self.size_divisibility
+        if d > 1:
+            h, w = -(-h // d) * d, -(-w // d) * d
+        return h, w
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, batched_inputs: List[Dict[str, Any]]):
+        """
+        Args:
+            batched_inputs: one dict per clip with ``image``, a list of T (C, H, W) frames, and
+                for training ``instances``, T per-frame Instances holding the same N tracks in the
+                same order (``gt_classes``, ``gt_ids`` (-1 where absent), ``gt_masks``); for
+                inference a single clip, optionally with the output ``height`` and ``width``.
+
+        Returns:
+            training: dict of weighted losses. Inference: the clip's dict with ``image_size``
+            (H, W), ``pred_scores`` and ``pred_labels`` (lists) and ``pred_masks`` (list of
+            boolean (T, H, W) tensors).
+        """
+        frames = self._frames(batched_inputs)
+        if self.training:
+            if self.criterion is None:
+                raise RuntimeError("this VideoMaskFormer was built without a criterion; it cannot train")
+            images = ImageList.from_tensors([self._normalize(f) for f in frames], self.size_divisibility)
+            outputs = self.sem_seg_head(self.backbone(images.tensor))
+            targets = self.prepare_targets(batched_inputs, images)
+            losses = self.criterion(outputs, targets)
+            weights = self.criterion.weight_dict
+            return {k: v * weights[k] for k, v in losses.items() if k in weights}
+
+        if len(batched_inputs) != 1:
+            raise ValueError(
+                f"VideoMaskFormer inference takes one video per batch; got {len(batched_inputs)}"
+            )
+        video = batched_inputs[0]
+        image_size = (int(frames[0].shape[-2]), int(frames[0].shape[-1]))
+        if any(tuple(f.shape[-2:]) != image_size for f in frames):
+            raise ValueError("VideoMaskFormer inference: all frames of a video must have the same size")
+        out_size = (int(video.get("height", image_size[0])), int(video.get("width", image_size[1])))
+        padded_size = self._padded_size(frames)
+        if self.window_size and len(frames) > self.window_size:
+            return self._inference_windows(frames, padded_size, image_size, out_size)
+        mask_cls, mask_pred = self._decode_clip(frames, padded_size)
+        return self.inference_video(mask_cls, mask_pred, padded_size, image_size, out_size)
+
+    def _decode_clip(self, frames: Sequence[Tensor], padded_size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+        """Class logits (Q, K+1) and mask logits (Q, T, Hm, Wm) of one clip; the backbone and
+        pixel decoder run over ``frame_chunk_size`` frames at a time."""
+        chunk = self.frame_chunk_size if self.frame_chunk_size > 0 else len(frames)
+        head = self.sem_seg_head
+        x_parts: List[Any] = []
+        mf_parts: List[Tensor] = []
+        for start in range(0, len(frames), chunk):
+            part = frames[start : start + chunk]
+            batch = self.pixel_mean.new_zeros((len(part), self.pixel_mean.shape[0]) + tuple(padded_size))
+            for i, f in enumerate(part):
+                batch[i, :, : f.shape[-2], : f.shape[-1]] = self._normalize(f)
+            x, mask_features = head.decoder_inputs(self.backbone(self._backbone_input(batch)))
+            del batch
+            x_parts.append(x)
+            mf_parts.append(mask_features)
+        x = _cat_frames(x_parts)
+        del x_parts
+        mask_features = _cat_frames(mf_parts)
+        del mf_parts
+        outputs = head.predictor(x, mask_features)
+        return outputs["pred_logits"][0], outputs["pred_masks"][0]
+
+    def inference_video(
+        self,
+        mask_cls: Tensor,
+        mask_pred: Tensor,
+        padded_size: Tuple[int, int],
+        image_size: Tuple[int, int],
+        out_size: Tuple[int, int],
+    ) -> Dict[str, Any]:
+        """The published per-video output from (Q, K+1) class logits and (Q, T, Hm, Wm) mask
+        logits (PARITY_NOTES 16): the best (query, class) pairs over the flattened Q x K softmax
+        scores (no-object dropped), their masks upsampled to the padded size, cropped to the
+        frame, resized to ``out_size`` and thresholded at 0 — one frame at a time."""
+        num_classes = self.sem_seg_head.num_classes
+        scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]  # (Q, K)
+        k = min(self.test_topk_per_video, scores.numel())
+        top_scores, top_idx = scores.flatten().topk(k)
+        labels = top_idx % num_classes
+        queries = top_idx // num_classes
+        masks = _video_masks(mask_pred[queries], padded_size, image_size, out_size)
+        return {
+            "image_size": out_size,
+            "pred_scores": top_scores.tolist(),
+            "pred_labels": labels.tolist(),
+            "pred_masks": list(masks.unbind(0)),
+        }
+
+    def _inference_windows(
+        self,
+        frames: Sequence[Tensor],
+        padded_size: Tuple[int, int],
+        image_size: Tuple[int, int],
+        out_size: Tuple[int, int],
+    ) -> Dict[str, Any]:
+        """Windowed inference (``window_size`` > 0): see :class:`~.windows.WindowTracks`."""
+        tracks = WindowTracks(len(frames), self.window_size, self.window_overlap)
+        for start, stop in tracks.windows():
+            mask_cls, mask_pred = self._decode_clip(frames[start:stop], padded_size)
+            tracks.add(start, mask_cls, mask_pred)
+        mask_cls, mask_pred = tracks.result()
+        return self.inference_video(mask_cls, mask_pred, padded_size, image_size, out_size)
+
+    # ----------------------------------------------------------------- targets
+    def prepare_targets(self, batched_inputs: List[Dict[str, Any]], images: ImageList) -> List[Dict[str, Tensor]]:
+        """Per clip ``labels`` (N,), ``ids`` (N, T) and ``masks`` (N, T, Hp, Wp) bool from the
+        mapper's per-frame Instances; tracks absent from every frame are dropped."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        out = []
+        for i, video in enumerate(batched_inputs):
+            per_frame: Optional[List[Instances]] = video.get("instances")
+            if not per_frame or len(per_frame) != len(video["image"]):
+                raise ValueError(
+                    f"batched_inputs[{i}]['instances'] must be a list of one Instances per frame "
+                    f"({len(video['image'])}); got {type(per_frame).__name__}"
+                )
+            num = len(per_frame[0])
+            masks = torch.zeros((num, len(per_frame), h_pad, w_pad), dtype=torch.bool, device=self.device)
+            ids = []
+            for t, inst in enumerate(per_frame):
+                if len(inst) != num:
+                    raise ValueError(
+                        f"batched_inputs[{i}]['instances'][{t}] has {len(inst)} tracks, frame 0 has {num}; "
+                        "every frame must hold all tracks of the clip (gt_ids -1 where absent)"
+                    )
+                m = inst.gt_masks
+                m = m.tensor if isinstance(m, BitMasks) else m
+                masks[:, t, : m.shape[-2], : m.shape[-1]] = m.to(self.device, torch.bool)
+                ids.append(inst.gt_ids.to(self.device))
+            ids = torch.stack(ids, dim=1) if ids else torch.zeros((num, 0), dtype=torch.long)  # (N, T)
+            valid = (ids != -1).any(dim=1)
+            out.append(
+                {
+                    "labels": per_frame[0].gt_classes.to(self.device)[valid],
+                    "ids": ids[valid],
+                    "masks": masks[valid],
+                }
+            )
+        return out
+
+
+def _cat_frames(parts: List[Any]) -> Any:
+    """Concatenates per-chunk outputs along the frame (batch) axis: tensors or lists of them."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return [torch.cat(level) for level in zip(*parts)]
+
+
+def _video_masks(
+    low: Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int], out_size: Tuple[int, int]
+) -> Tensor:
+    """(P, T, Hm, Wm) mask logits -> (P, T, H, W) bool masks, logit > 0 after the published
+    resize chain; only one frame's full-resolution logits exist at a time."""
+    num, frames = low.shape[:2]
+    out = torch.empty((num, frames) + tuple(out_size), dtype=torch.bool, device=low.device)
+    for t in range(frames):
+        rows = MaskLogitRows(low[:, t], padded_size, image_size, out_size).rows(0, out_size[0])  # (H, W, P)
+        out[:, t] = (rows > 0).permute(2, 0, 1)
+    return out

@@ -1,0 +1,5 @@
+"""Windowed video inference (placeholder)."""
+
+
+class WindowTracks:
+    pass
