@@ -31,6 +31,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 from mask2former_d2 import get_maskformer_cfg
+from mask2former_d2.config import validate_cfg
 from mask2former_d2.predictor import VisualizationDemo
 
 logger = logging.getLogger("mask2former_d2.demo")
@@ -107,6 +108,7 @@ def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
         raise DemoError(f"--opts needs KEY VALUE pairs; got an odd number of items: {list(opts)}")
     try:
         cfg = get_maskformer_cfg(config_file, list(opts))
+        validate_cfg(cfg)
     # Unknown keys: KeyError naming key and file; bad values: yacs' ValueError/AssertionError.
     except (KeyError, ValueError, AssertionError, yaml.YAMLError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -158,6 +160,22 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
     return sorted(found)
 
 
+def _check_output_parent(output: str) -> None:
+    """Fails when a folder ``--output`` needs is an existing file (or cannot be created)."""
+    parent = os.path.dirname(os.path.abspath(output))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise DemoError(f"--output {output}: {parent} is a file, but a folder is needed there")
+
+
+def _makedirs(folder: str, output: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DemoError(f"--output {output}: cannot create the folder {folder} ({e.strerror})") from None
+
+
 def _names_a_folder(output: str) -> bool:
     """Whether ``--output`` means a folder: an existing one, a trailing slash or no extension."""
     return (
@@ -172,6 +190,7 @@ def image_output_paths(inputs: Sequence[str], output: str) -> List[str]:
         DemoError: if several inputs go to a file, two inputs would write the same file, or
             the file's extension is not an image format.
     """
+    _check_output_parent(output)
     if len(inputs) > 1 and not _names_a_folder(output):
         raise DemoError(
             f"--output {output}: must be a folder when several inputs are given "
@@ -196,7 +215,7 @@ def image_output_paths(inputs: Sequence[str], output: str) -> List[str]:
     if overwritten:
         raise DemoError(f"--output {output}: would overwrite the input image {overwritten[0]}")
     for folder in {os.path.dirname(os.path.abspath(p)) for p in paths}:
-        os.makedirs(folder, exist_ok=True)
+        _makedirs(folder, output)
     return paths
 
 
@@ -207,7 +226,10 @@ def video_output_path(output: str, source_name: str) -> str:
         DemoError: if the extension is not a supported container or the source would be
             overwritten.
     """
+    _check_output_parent(output)
     if _names_a_folder(output):
+        if os.path.isfile(output):
+            raise DemoError(f"--output {output}: is a file, but a folder is expected here")
         stem = os.path.splitext(os.path.basename(source_name))[0]
         path = os.path.join(output, stem + ".mp4")
     elif os.path.splitext(output)[1].lower() in VIDEO_CODECS:
@@ -216,7 +238,7 @@ def video_output_path(output: str, source_name: str) -> str:
         raise DemoError(f"--output {output}: a video output must end in {', '.join(VIDEO_CODECS)}")
     if os.path.abspath(path) == os.path.abspath(source_name):
         raise DemoError(f"--output {output}: would overwrite the input video {source_name}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _makedirs(os.path.dirname(os.path.abspath(path)), output)
     return path
 
 
@@ -365,8 +387,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logger(name="detectron2")
     setup_logger(name="mask2former_d2", abbrev_name="m2f")
     logger.info(f"arguments: {args}")
-    if math.isnan(args.confidence_threshold):
-        raise DemoError("--confidence-threshold must be a number; got nan")
+    if not 0.0 <= args.confidence_threshold <= 1.0:  # also rejects nan
+        raise DemoError(
+            f"--confidence-threshold must be a score in [0, 1]; got {args.confidence_threshold:g}"
+        )
 
     cfg = setup_cfg(args.config_file, args.opts)
     # Inputs and outputs are checked before the (slow) model construction.
@@ -386,7 +410,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output is None:
         _require_display()
 
-    demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+    try:
+        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+    except (ValueError, FileNotFoundError) as e:  # e.g. MODEL.WEIGHTS missing, unreadable, unfit
+        raise DemoError(f"cannot build the model: {e}") from None
     if args.input:
         failures = run_images(demo, inputs, out_paths)
         if failures:

@@ -6,7 +6,7 @@ published default, so published YAML files merge unchanged (after Detectron2's
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_maskformer2_config", "add_maskformer2_video_config", "get_maskformer_cfg"]
+__all__ = ["add_maskformer2_config", "add_maskformer2_video_config", "get_maskformer_cfg", "validate_cfg"]
 
 
 def add_maskformer2_config(cfg: CN) -> None:
@@ -190,3 +190,77 @@ def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
             raise _unknown_key_error(cfg, key, "command-line override")
     cfg.merge_from_list(opts)
     return cfg
+
+
+# (config key, registry module, registry attribute) of every name the model is built from.
+_REGISTERED_NAMES = (
+    ("MODEL.META_ARCHITECTURE", "detectron2.modeling", "META_ARCH_REGISTRY"),
+    ("MODEL.BACKBONE.NAME", "detectron2.modeling", "BACKBONE_REGISTRY"),
+    ("MODEL.SEM_SEG_HEAD.NAME", "detectron2.modeling", "SEM_SEG_HEADS_REGISTRY"),
+    (
+        "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME",
+        "mask2former_d2.modeling.pixel_decoder.build",
+        "PIXEL_DECODER_REGISTRY",
+    ),
+    (
+        "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME",
+        "mask2former_d2.modeling.transformer_decoder.build",
+        "TRANSFORMER_DECODER_REGISTRY",
+    ),
+)
+# Keys whose value must be a positive integer (a torch reshape or layer error otherwise).
+_POSITIVE_INTS = (
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
+    "MODEL.MASK_FORMER.HIDDEN_DIM",
+    "MODEL.MASK_FORMER.NHEADS",
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+)
+
+
+def _get(cfg: CN, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _unknown_name(what: str, name: str, known, listed: bool = True) -> str:
+    import difflib
+
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    if listed:
+        return f"{what}: unknown name {name!r}{hint} (registered: {', '.join(known)})"
+    return f"{what}: unknown dataset {name!r}{hint} ({len(known)} datasets are registered)"
+
+
+def validate_cfg(cfg: CN, *, datasets: bool = True) -> None:
+    """Checks, before anything is built, the values that would otherwise fail deep inside
+    Detectron2 or torch: the registered names the model is built from, the sizes that must be
+    positive and (with ``datasets``) the names in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
+
+    Raises:
+        ValueError: naming the key, the value and what is expected (close names suggested).
+    """
+    import importlib
+
+    from detectron2.data import DatasetCatalog
+
+    import mask2former_d2.modeling  # noqa: F401  (registers the model's components)
+
+    for key, module, attr in _REGISTERED_NAMES:
+        registry = getattr(importlib.import_module(module), attr)
+        name = _get(cfg, key)
+        if name not in registry:
+            raise ValueError(_unknown_name(key, name, [k for k, _ in registry]))
+    for key in _POSITIVE_INTS:
+        value = _get(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer; got {value!r}")
+    if datasets:
+        registered = DatasetCatalog.list()
+        for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
+            for name in _get(cfg, key):
+                if name not in registered:
+                    raise ValueError(_unknown_name(key, name, registered, listed=False))

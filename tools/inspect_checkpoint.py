@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mask2former_d2.checkpoint import classification_checkpoint, unreadable_reason
+
 __all__ = [
     "CheckpointReadError",
     "LoadReport",
@@ -92,23 +94,8 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
                 data = pickle.load(f, encoding="latin1")
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        RuntimeError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        ImportError,
-        IndexError,
-        UnicodeDecodeError,
-    ) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if "Weights only load failed" in reason:
-            reason = (
-                "it holds objects other than tensors and plain containers, which torch.load "
-                "(and so Detectron2's checkpointer) refuses by default"
-            )
+    except Exception as e:  # pickle and torch.load raise many types (even KeyError) for a bad file
+        reason = unreadable_reason(path, e)
         raise CheckpointReadError(f"{path}: not a readable checkpoint ({reason})") from e
     if not isinstance(data, Mapping):
         raise CheckpointReadError(f"{path}: expected a dict, found {type(data).__name__}")
@@ -181,6 +168,9 @@ def format_summary(path: str, data: Mapping[str, Any]) -> List[str]:
     state_dict, layout, extras = _split(data)
     info = summarize(state_dict)
     lines = [f"checkpoint: {path}", f"  format: {layout}"]
+    classifier = classification_checkpoint(state_dict, path)
+    if classifier:
+        lines.append(f"  note: {classifier}")
     if path.endswith(".pkl") and "__author__" not in data:
         lines.append(
             "  note: a .pkl without '__author__' is read by Detectron2 as a Caffe2/Detectron1 "

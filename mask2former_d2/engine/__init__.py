@@ -5,9 +5,8 @@
     from mask2former_d2.engine import Trainer, default_argument_parser, launch_main
     launch_main(default_argument_parser().parse_args(), Trainer)
 """
-from detectron2.engine import default_argument_parser
 
-from .launch import launch_main, main, setup
+from .launch import default_argument_parser, launch_main, main, setup
 from .trainer import Trainer
 
 __all__ = ["Trainer", "default_argument_parser", "launch_main", "main", "setup"]
