@@ -17,6 +17,7 @@ def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     forward would."""
     plain = (
         x.device.type == "cpu"
+        and not torch.compiler.is_exporting()  # the per-image loop needs a concrete batch size
         and x.dim() == 4
         and type(conv).forward in (nn.Conv2d.forward, _d2_conv_forward())
         and conv.kernel_size == (1, 1)

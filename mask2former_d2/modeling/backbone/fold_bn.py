@@ -22,7 +22,10 @@ class FoldedFrozenBNConv2d(Conv2d):
     gradient is being recorded; with autograd it is the plain ``Conv2d``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or not isinstance(self.norm, FrozenBatchNorm2d):
+        # While torch.export traces, parameters are fake tensors that the cache cannot key on;
+        # the exported graph keeps conv + frozen norm (which exporters fold themselves).
+        exporting = torch.compiler.is_exporting()
+        if torch.is_grad_enabled() or exporting or not isinstance(self.norm, FrozenBatchNorm2d):
             return super().forward(x)
         weight, bias = self._folded()
         x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)

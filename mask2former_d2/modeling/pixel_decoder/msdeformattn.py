@@ -48,6 +48,15 @@ QUERY_CHUNK = 2048
 NUM_DECODER_LEVELS = 3
 
 
+def level_sizes(spatial_shapes: Union[Tensor, List[Tuple[int, int]]]) -> List[Tuple[int, int]]:
+    """(H_l, W_l) of every level, from the (L, 2) integer tensor or, while torch.export traces,
+    from the list of pairs that stands for it (see
+    :meth:`MSDeformAttnTransformerEncoderOnly.forward`)."""
+    if isinstance(spatial_shapes, Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+
 def _relu_(x: Tensor) -> Tensor:
     """In-place ReLU for the FPN convs: their input is a fresh GroupNorm output."""
     return F.relu(x, inplace=True)
@@ -103,7 +112,8 @@ class MSDeformAttnTransformerEncoderLayer(FeedForwardMixin, nn.Module):
         """
         values = self.self_attn.project_value(src, spatial_shapes, padding_mask)
         s = src.shape[1]
-        step = s if torch.is_grad_enabled() else QUERY_CHUNK
+        # No chunks while torch.export traces: the loop would need a concrete S.
+        step = s if torch.is_grad_enabled() or torch.compiler.is_exporting() else QUERY_CHUNK
         if step >= s:
             return self._forward_queries(src, pos, reference_points, values)
         out = torch.empty_like(src)
@@ -157,7 +167,7 @@ class MSDeformAttnTransformerEncoder(nn.Module):
             frame of every level.
         """
         points = []
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(level_sizes(spatial_shapes)):
             dtype, device = torch.float32, valid_ratios.device
             # Centres (i + 0.5) divided by the valid size of the level.
             ys = (torch.arange(h, dtype=dtype, device=device) + 0.5)[None] / (
@@ -249,7 +259,8 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             pos_embeds: matching position encodings (B, C, H_l, W_l).
 
         Returns:
-            memory (B, S, C), spatial_shapes (L, 2) long (H_l, W_l), level_start_index (L,) long.
+            memory (B, S, C), spatial_shapes (L, 2) long (H_l, W_l), level_start_index (L,) long
+            (both plain lists of ints while torch.export traces).
         """
         if len(srcs) != self.level_embed.shape[0] or len(pos_embeds) != len(srcs):
             raise ValueError(
@@ -265,10 +276,16 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)  # (B, S, C)
         pos_flatten = torch.cat(pos_flatten, 1)
         device = src_flatten.device
-        spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)  # (L, 2)
-        level_start_index = torch.cat(
-            (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])
-        )
+        if torch.compiler.is_exporting():
+            # Symbolic sizes (dynamic height and width) do not survive a round trip through a
+            # tensor: the levels are described by the (H_l, W_l) pairs themselves.
+            spatial_shapes = sizes
+            level_start_index = [sum(h * w for h, w in sizes[:i]) for i in range(len(sizes))]
+        else:
+            spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)  # (L, 2)
+            level_start_index = torch.cat(
+                (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])
+            )
         # This decoder never pads its inputs: every level is entirely valid.
         valid_ratios = torch.ones(
             src_flatten.shape[0], len(srcs), 2, dtype=torch.float32, device=device
@@ -471,7 +488,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)  # (B, S, C)
 
         b, c = memory.shape[0], memory.shape[2]
-        sizes = spatial_shapes.tolist()
+        sizes = level_sizes(spatial_shapes)
         levels = torch.split(memory, [h * w for h, w in sizes], dim=1)
         # (B, H_l*W_l, C) -> (B, C, H_l, W_l), in the layout of the finest FPN input: the
         # upsampled maps and the FPN's additions follow it, and converting a stride-4 map
