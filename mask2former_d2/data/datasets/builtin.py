@@ -13,6 +13,7 @@ from .ade20k_full import register_all_ade20k_full
 from .coco import register_all_coco
 from .mapillary_vistas import register_all_mapillary_vistas
 from .utils import datasets_root
+from .ytvis import register_all_ytvis
 
 __all__ = ["register_all"]
 
@@ -23,6 +24,7 @@ def register_all(root: str) -> None:
     register_all_ade20k(root)
     register_all_ade20k_full(root)
     register_all_mapillary_vistas(root)
+    register_all_ytvis(root)
     # Generated on first use: a dataset every command can train and evaluate on offline.
     register_toy_panoptic(os.path.join(root, "toy_panoptic"))
 
