@@ -15,10 +15,11 @@ from detectron2.evaluation import (
 )
 
 from .instance_evaluation import InstanceSegEvaluator
+from .ytvis_evaluation import YTVISEvaluator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_evaluator", "check_evaluation", "coco_eval_backend", "InstanceSegEvaluator"]
+__all__ = ["build_evaluator", "check_evaluation", "coco_eval_backend", "InstanceSegEvaluator", "YTVISEvaluator"]
 
 # evaluator_type values whose datasets hold panoptic annotations.
 _PANOPTIC_TYPES = (

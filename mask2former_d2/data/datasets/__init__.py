@@ -5,5 +5,6 @@ See ``datasets/README.md`` for each dataset's expected layout under ``$DETECTRON
 
 from . import builtin  # noqa: F401  (registration)
 from .utils import load_panoptic_json, load_sem_seg_checked
+from .ytvis import load_ytvis_json, register_ytvis_instances
 
-__all__ = ["load_panoptic_json", "load_sem_seg_checked"]
+__all__ = ["load_panoptic_json", "load_sem_seg_checked", "load_ytvis_json", "register_ytvis_instances"]

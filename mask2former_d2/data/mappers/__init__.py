@@ -5,6 +5,7 @@ from .instance import MaskFormerInstanceDatasetMapper
 from .lsj import COCOInstanceNewBaselineDatasetMapper, COCOPanopticNewBaselineDatasetMapper
 from .panoptic import MaskFormerPanopticDatasetMapper
 from .semantic import MaskFormerSemanticDatasetMapper
+from .video import YTVISDatasetMapper
 
 __all__ = [
     "MAPPERS",
@@ -14,4 +15,5 @@ __all__ = [
     "MaskFormerInstanceDatasetMapper",
     "MaskFormerPanopticDatasetMapper",
     "MaskFormerSemanticDatasetMapper",
+    "YTVISDatasetMapper",
 ]

@@ -8,6 +8,7 @@ from .instance import MaskFormerInstanceDatasetMapper
 from .lsj import COCOInstanceNewBaselineDatasetMapper, COCOPanopticNewBaselineDatasetMapper
 from .panoptic import DETRPanopticDatasetMapper, MaskFormerPanopticDatasetMapper
 from .semantic import MaskFormerSemanticDatasetMapper
+from .video import YTVISDatasetMapper
 
 __all__ = ["MAPPERS", "build_dataset_mapper"]
 
@@ -19,6 +20,8 @@ MAPPERS: Dict[str, Type] = {
     "coco_instance_lsj": COCOInstanceNewBaselineDatasetMapper,
     "coco_panoptic_lsj": COCOPanopticNewBaselineDatasetMapper,
     "detr_panoptic": DETRPanopticDatasetMapper,
+    # Video instance segmentation (YouTube-VIS records); train_net_video.py uses it whatever the name.
+    "ytvis": YTVISDatasetMapper,
 }
 
 
