@@ -109,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Inputs and output are checked before the (slow) model construction.
     if args.video_input:
         name = args.video_input
+        open_video_file(name).release()  # a missing or undecodable file is named first
         out_path = video_output_path(args.output, name)
         frames, fps = read_video(name)
     else:
