@@ -28,7 +28,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
-from .instance import _polygons_to_rle
+from ..datasets.ytvis import segmentation_to_rle
 from .utils import (
     IMAGE_PAD_VALUE,
     AugmentationLike,
@@ -118,20 +118,12 @@ def _numpy_seed(seed: Optional[int]) -> Iterator[None]:
 
 
 def _decode_segmentation(segm: Any, h: int, w: int, where: str) -> np.ndarray:
-    """(h, w) bool mask of a COCO-style segmentation: polygons, (un)compressed RLE or a bitmask."""
+    """(h, w) bool mask of a frame segmentation: polygons, (un)compressed RLE or a bitmask."""
     if isinstance(segm, np.ndarray):
-        mask = segm.astype(bool)
-    elif isinstance(segm, list):
-        mask = mask_util.decode(_polygons_to_rle(segm, h, w)).astype(bool)
-    elif isinstance(segm, dict):
-        if isinstance(segm.get("counts"), list):
-            segm = mask_util.frPyObjects(segm, *segm["size"])
-        mask = mask_util.decode(segm).astype(bool)
-    else:
-        raise ValueError(f"{where}: unsupported segmentation type {type(segm).__name__}")
-    if mask.shape != (h, w):
-        raise ValueError(f"{where}: segmentation of size (H, W) = {mask.shape} in a frame of size ({h}, {w})")
-    return mask
+        if segm.shape != (h, w):
+            raise ValueError(f"{where}: bitmask of shape {segm.shape} in a frame of size ({h}, {w})")
+        return segm.astype(bool)
+    return mask_util.decode(segmentation_to_rle(segm, h, w, where)).astype(bool)
 
 
 class YTVISDatasetMapper(MaskFormerMapperBase):
