@@ -28,6 +28,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
+from ...config import add_maskformer2_video_config
 from ..datasets.ytvis import segmentation_to_rle
 from .utils import (
     IMAGE_PAD_VALUE,
@@ -46,6 +47,17 @@ _SAMPLING_STYLES = ("range", "choice", "range_by_clip", "choice_by_clip")
 _FLIP_MODES = ("none", "horizontal", "vertical", "flip_by_clip")
 
 
+def _video_input(cfg: CfgNode, key: str) -> Any:
+    """``cfg.INPUT.<key>`` of the video keys, or its published default when the config was made
+    without :func:`~mask2former_d2.config.add_maskformer2_video_config` (an image-only config)."""
+    if key in cfg.INPUT:
+        return cfg.INPUT[key]
+    defaults = CfgNode(new_allowed=True)
+    defaults.INPUT = CfgNode(new_allowed=True)
+    add_maskformer2_video_config(defaults)
+    return defaults.INPUT[key]
+
+
 def build_clip_augmentations(cfg: CfgNode) -> List[Tuple[AugmentationLike, bool]]:
     """Training augmentations of a clip as ``(augmentation, clip_consistent)`` pairs, in order.
 
@@ -60,7 +72,8 @@ def build_clip_augmentations(cfg: CfgNode) -> List[Tuple[AugmentationLike, bool]
         raise ValueError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING={sampling!r}; expected one of {_SAMPLING_STYLES}")
     if flip not in _FLIP_MODES:
         raise ValueError(f"INPUT.RANDOM_FLIP={flip!r}; expected one of {_FLIP_MODES}")
-    unknown = [a for a in cfg.INPUT.AUGMENTATIONS if a not in EXTRA_AUGMENTATIONS]
+    extra = _video_input(cfg, "AUGMENTATIONS")
+    unknown = [a for a in extra if a not in EXTRA_AUGMENTATIONS]
     if unknown:
         raise ValueError(f"INPUT.AUGMENTATIONS has unknown entries {unknown}; valid: {list(EXTRA_AUGMENTATIONS)}")
 
@@ -83,7 +96,7 @@ def build_clip_augmentations(cfg: CfgNode) -> List[Tuple[AugmentationLike, bool]
             [-15, 15], expand=False, center=[(0.4, 0.4), (0.6, 0.6)], sample_style="range"
         ),
     }
-    augs.extend((extras[name](), True) for name in EXTRA_AUGMENTATIONS if name in cfg.INPUT.AUGMENTATIONS)
+    augs.extend((extras[name](), True) for name in EXTRA_AUGMENTATIONS if name in extra)
     return augs
 
 
@@ -180,9 +193,9 @@ class YTVISDatasetMapper(MaskFormerMapperBase):
             ret["augmentations"] = [a for a, _ in pairs]
             ret["clip_consistent"] = [c for _, c in pairs]
         ret.update(
-            sampling_frame_num=cfg.INPUT.SAMPLING_FRAME_NUM,
-            sampling_frame_range=cfg.INPUT.SAMPLING_FRAME_RANGE,
-            sampling_frame_shuffle=cfg.INPUT.SAMPLING_FRAME_SHUFFLE,
+            sampling_frame_num=_video_input(cfg, "SAMPLING_FRAME_NUM"),
+            sampling_frame_range=_video_input(cfg, "SAMPLING_FRAME_RANGE"),
+            sampling_frame_shuffle=_video_input(cfg, "SAMPLING_FRAME_SHUFFLE"),
         )
         return ret
 
