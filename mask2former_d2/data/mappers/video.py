@@ -65,7 +65,8 @@ def build_clip_augmentations(cfg: CfgNode) -> List[Tuple[AugmentationLike, bool]
     ``INPUT.AUGMENTATIONS`` entries. The resize is drawn once per clip when
     ``INPUT.MIN_SIZE_TRAIN_SAMPLING`` ends in ``_by_clip``, else per frame; the flip once per clip
     for ``INPUT.RANDOM_FLIP: flip_by_clip``, else per frame. The crop and the extra
-    augmentations are drawn once per clip.
+    augmentations are drawn once per clip (the published mapper draws them per frame, so that
+    the frames of one clip could be cropped, rotated and recoloured differently).
     """
     sampling, flip = cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING, cfg.INPUT.RANDOM_FLIP
     if sampling not in _SAMPLING_STYLES:
