@@ -216,3 +216,13 @@ def test_real_clip_from_shared_video(tmp_path):
     (test_record,) = load_ytvis_json(str(tmp_path / "test.json"), str(tmp_path / "JPEGImages"))
     test_out = YTVISDatasetMapper(cfg, is_train=False)(test_record)
     assert [tuple(im.shape) for im in test_out["image"]] == [(3, 180, int(w * 180 / min(h, w) + 0.5))] * len(frames)
+
+
+def test_size_divisibility_pads_frames_and_masks(tmp_path):
+    record = _square_video(tmp_path, length=3)
+    cfg = _cfg("INPUT.SIZE_DIVISIBILITY", 32, "INPUT.SAMPLING_FRAME_NUM", 2)  # 40x56 -> 64x64
+    out = YTVISDatasetMapper(cfg, is_train=True)(record)
+    for im, inst in zip(out["image"], out["instances"]):
+        assert im.shape == (3, 64, 64) and inst.image_size == (64, 64) and inst.gt_masks.shape == (1, 64, 64)
+        assert (im[:, 40:, :] == 128).all() and (im[:, :, 56:] == 128).all()
+        assert not inst.gt_masks[:, 40:].any() and inst.gt_masks[0, :40, :56].sum() == 16 * 16

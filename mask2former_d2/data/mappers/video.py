@@ -205,18 +205,15 @@ class YTVISDatasetMapper(MaskFormerMapperBase):
         return [a for a, _ in build_clip_augmentations(cfg)]
 
     # ------------------------------------------------------------------ helpers
-    def _augment_clip(self, frames: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, T.TransformList]]:
-        """Augments every frame; clip-consistent augmentations replay one random draw per clip."""
-        seeds = [int(np.random.randint(2**31)) if c else None for c in self.clip_consistent]
-        out = []
-        for image in frames:
-            aug_input = T.AugInput(image)
-            transforms = []
-            for aug, seed in zip(self.augmentations, seeds):
-                with _numpy_seed(seed):
-                    transforms.append(T.AugmentationList([aug])(aug_input))
-            out.append((aug_input.image, T.TransformList(transforms)))
-        return out
+    def _augment_frame(self, image: np.ndarray, seeds: Sequence[Optional[int]]) -> Tuple[np.ndarray, T.TransformList]:
+        """Augments one frame; ``seeds`` (one per augmentation, drawn once per clip) replay the
+        random draws of the clip-consistent augmentations, None draws anew."""
+        aug_input = T.AugInput(image)
+        transforms = []
+        for aug, seed in zip(self.augmentations, seeds):
+            with _numpy_seed(seed):
+                transforms.append(T.AugmentationList([aug])(aug_input))
+        return aug_input.image, T.TransformList(transforms)
 
     def _read_frame(self, dataset_dict: Dict[str, Any], file_name: str) -> np.ndarray:
         image = read_image_file(file_name, self.image_format)
@@ -283,21 +280,26 @@ class YTVISDatasetMapper(MaskFormerMapperBase):
         else:
             selected = list(range(length))
 
-        frames = [self._read_frame(dataset_dict, file_names[t]) for t in selected]
-        original_hw = frames[0].shape[:2]
-        augmented = self._augment_clip(frames)
+        # One frame at a time: only the augmented frames of a (long) video are kept.
+        seeds = [int(np.random.randint(2**31)) if c else None for c in self.clip_consistent]
+        images, clip_transforms, sizes = [], [], []
+        for t in selected:
+            frame = self._read_frame(dataset_dict, file_names[t])
+            original_hw = frame.shape[:2]
+            image, transforms = self._augment_frame(frame, seeds)
+            images.append(pad_to_multiple(image_to_tensor(image), self.size_divisibility, IMAGE_PAD_VALUE))
+            clip_transforms.append(transforms)
+            sizes.append(image.shape[:2])  # before padding
         dataset_dict["frame_idx"] = selected
         dataset_dict["file_names"] = [file_names[t] for t in selected]
-        dataset_dict["image"] = [
-            pad_to_multiple(image_to_tensor(image), self.size_divisibility, IMAGE_PAD_VALUE) for image, _ in augmented
-        ]
+        dataset_dict["image"] = images
         if not self.is_train:
             return dataset_dict
 
         source = f"video {dataset_dict.get('video_id')} ({file_names[0]})"
         tracks = self._clip_tracks([video_annos[t] for t in selected], source)
         dataset_dict["instances"] = [
-            self._frame_instances(video_annos[t], tracks, transforms, original_hw, image.shape[:2], file_names[t])
-            for t, (image, transforms) in zip(selected, augmented)
+            self._frame_instances(video_annos[t], tracks, transforms, original_hw, hw, file_names[t])
+            for t, transforms, hw in zip(selected, clip_transforms, sizes)
         ]
         return dataset_dict
