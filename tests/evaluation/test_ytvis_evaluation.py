@@ -324,3 +324,22 @@ def test_evaluator_gathers_across_processes(tmp_path):
     assert res["segm"]["AP"] == pytest.approx(100.0)  # would be 50 with one process's videos only
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert sorted(r["video_id"] for r in written) == [1, 2, 3, 4]
+
+
+def test_evaluator_without_ground_truth_only_writes_results(tmp_path):
+    """YouTube-VIS valid/test jsons have no annotations: results.json is for the server."""
+    h, w = 12, 16
+    gt, _ = to_json({3: 2}, {3: (h, w)}, [], [], [1, 2])
+    del gt["annotations"]
+    (tmp_path / "valid.json").write_text(json.dumps(gt))
+    name = "test_ytvis_evaluator_no_gt"
+    MetadataCatalog.get(name).set(json_file=str(tmp_path / "valid.json"),
+                                  thing_dataset_id_to_contiguous_id={1: 0, 2: 1})
+    evaluator = YTVISEvaluator(name, output_dir=str(tmp_path / "out"))
+    evaluator.reset()
+    masks = torch.zeros((2, h, w), dtype=torch.bool)
+    evaluator.process([{"video_id": 3, "length": 2}],
+                      [{"pred_scores": [0.5], "pred_labels": [1], "pred_masks": [masks]}])
+    assert evaluator.evaluate() == {}
+    (written,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (written["video_id"], written["category_id"], len(written["segmentations"])) == (3, 2, 2)
