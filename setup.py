@@ -4,7 +4,7 @@ setup(
     name="mask2former_d2",
     version="0.1.0",
     description="MaskFormer and Mask2Former for Detectron2",
-    packages=find_packages(exclude=("tests", "configs", "demo", "datasets", "benchmarks")),
+    packages=find_packages(exclude=("tests", "tests.*", "configs", "demo", "datasets", "benchmarks")),
     # Data files read at run time (the ADE20K-full and YouTube-VIS class tables).
     package_data={"mask2former_d2.data.datasets": ["*.json"]},
     python_requires=">=3.8",

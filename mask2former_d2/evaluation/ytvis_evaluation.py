@@ -36,6 +36,8 @@ from detectron2.utils.file_io import PathManager
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..data.datasets.ytvis import segmentation_to_rle
+
 __all__ = [
     "METRIC_NAMES",
     "YTVISeval",
@@ -64,27 +66,12 @@ def load_json_file(path: str, what: str) -> Any:
         raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
 
 
-def _to_rle(segm: Any, h: int, w: int, where: str) -> Dict[str, Any]:
-    """A frame segmentation (compressed / uncompressed RLE or polygons) as compressed RLE."""
-    if isinstance(segm, dict):
-        if "counts" not in segm or "size" not in segm:
-            raise ValueError(f"{where}: RLE needs 'counts' and 'size', got {sorted(segm)}")
-        if list(segm["size"]) != [h, w]:
-            raise ValueError(f"{where}: mask size (H, W) = {tuple(segm['size'])}, but the video is ({h}, {w})")
-        if isinstance(segm["counts"], list):
-            return mask_util.frPyObjects(segm, h, w)
-        return segm
-    if isinstance(segm, list):
-        return mask_util.merge(mask_util.frPyObjects(segm, h, w))
-    raise ValueError(f"{where}: unsupported segmentation type {type(segm).__name__}; expected RLE or polygons")
-
-
 def _track_rles(segms: Sequence[Any], video: Mapping[str, Any], where: str) -> List[Optional[Dict[str, Any]]]:
     """Per-frame compressed RLEs (None where absent) of one track, checked against its video."""
     if not isinstance(segms, (list, tuple)) or len(segms) != video["length"]:
         n = len(segms) if isinstance(segms, (list, tuple)) else type(segms).__name__
         raise ValueError(f"{where}: 'segmentations' must have one entry per frame ({video['length']}), got {n}")
-    return [None if not s else _to_rle(s, video["height"], video["width"], f"{where}, frame {t}")
+    return [None if not s else segmentation_to_rle(s, video["height"], video["width"], f"{where}, frame {t}")
             for t, s in enumerate(segms)]
 
 

@@ -142,6 +142,7 @@ class TestBuild(unittest.TestCase):
                 "coco_instance_lsj",
                 "coco_panoptic_lsj",
                 "detr_panoptic",
+                "ytvis",
             },
         )
 

@@ -169,3 +169,60 @@ def test_build_by_name_and_errors(tmp_path):
     os.remove(record["file_names"][1])
     with pytest.raises(FileNotFoundError, match="00001.jpg"):
         YTVISDatasetMapper(_cfg(), is_train=False)(record)
+
+
+def test_real_clip_from_shared_video(tmp_path):
+    """Frames of a real clip (../shared/data/video) in a YouTube-VIS layout: train and test mapping."""
+    import json
+    import os
+
+    import cv2
+
+    from tests.common import SHARED
+
+    path = os.path.join(SHARED, "data", "video", "mmpose_demo.mp4")
+    if not os.path.isfile(path):
+        pytest.skip(f"shared clip not found: {path}")
+    cap = cv2.VideoCapture(path)
+    frames = []
+    while len(frames) < 4:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    cap.release()
+    h, w = frames[0].shape[:2]
+    track = [box_mask(h, w, h // 4, w // 4 + 10 * t, h // 2, w // 2 + 10 * t) for t in range(len(frames))]
+    track[1] = None  # absent from frame 1
+    video = {"id": 42, "name": "clip", "h": h, "w": w, "length": len(frames), "kind": "polygon",
+             "masks": {5: (2, track)}}
+    images = {f"clip/{t:05d}.jpg": f for t, f in enumerate(frames)}
+    json_file = write_ytvis(str(tmp_path), [video], frame_images=images)
+    (record,) = load_ytvis_json(json_file, str(tmp_path / "JPEGImages"))
+    cfg = _cfg("INPUT.MIN_SIZE_TRAIN", (270,), "INPUT.MAX_SIZE_TRAIN", 2000, "INPUT.MIN_SIZE_TEST", 180,
+               "INPUT.SAMPLING_FRAME_NUM", len(frames), "INPUT.SAMPLING_FRAME_RANGE", len(frames))
+    np.random.seed(5)
+    out = YTVISDatasetMapper(cfg, is_train=True)(record)
+    scale = 270 / min(h, w)
+    for t, im, inst in zip(out["frame_idx"], out["image"], out["instances"]):
+        assert im.shape == (3, 270, int(w * scale + 0.5))
+        assert inst.gt_ids.tolist() == [-1 if t == 1 else 5]
+        area = inst.gt_masks[0].sum().item()
+        assert (area == 0) if t == 1 else area == pytest.approx((h // 4) * (w // 4) * scale**2, rel=0.1)
+    # the same frames as a test split (no annotations): every frame, test size
+    content = json.load(open(json_file))
+    del content["annotations"]
+    json.dump(content, open(tmp_path / "test.json", "w"))
+    (test_record,) = load_ytvis_json(str(tmp_path / "test.json"), str(tmp_path / "JPEGImages"))
+    test_out = YTVISDatasetMapper(cfg, is_train=False)(test_record)
+    assert [tuple(im.shape) for im in test_out["image"]] == [(3, 180, int(w * 180 / min(h, w) + 0.5))] * len(frames)
+
+
+def test_size_divisibility_pads_frames_and_masks(tmp_path):
+    record = _square_video(tmp_path, length=3)
+    cfg = _cfg("INPUT.SIZE_DIVISIBILITY", 32, "INPUT.SAMPLING_FRAME_NUM", 2)  # 40x56 -> 64x64
+    out = YTVISDatasetMapper(cfg, is_train=True)(record)
+    for im, inst in zip(out["image"], out["instances"]):
+        assert im.shape == (3, 64, 64) and inst.image_size == (64, 64) and inst.gt_masks.shape == (1, 64, 64)
+        assert (im[:, 40:, :] == 128).all() and (im[:, :, 56:] == 128).all()
+        assert not inst.gt_masks[:, 40:].any() and inst.gt_masks[0, :40, :56].sum() == 16 * 16

@@ -145,3 +145,13 @@ def test_category_files_are_package_data():
     pkg = os.path.dirname(mask2former_d2.__file__)
     for year in ("2019", "2021"):
         assert os.path.isfile(os.path.join(pkg, "data", "datasets", f"ytvis_{year}_categories.json"))
+
+
+def test_mask_size_mismatch_is_named(tmp_path):
+    video, _, _ = _video("rle")
+    json_file = write_ytvis(str(tmp_path), [video])
+    content = json.load(open(json_file))
+    content["videos"][0]["height"] = H + 1
+    json.dump(content, open(json_file, "w"))
+    with pytest.raises(ValueError, match=r"annotation 7, frame 0\): mask size \(H, W\) = \(24, 32\), but the video"):
+        load_ytvis_json(json_file, str(tmp_path / "JPEGImages"))

@@ -274,3 +274,72 @@ def test_evaluate_ytvis_tool(tmp_path):
             module.main(argv)
         message = str(exc.value.code)
         assert message.startswith("evaluate_ytvis: ") and needle in message and "\n" not in message
+
+
+_DISTRIBUTED_SCRIPT = r'''
+import json, sys
+import numpy as np, torch
+from detectron2.data import MetadataCatalog
+from detectron2.engine import launch
+from detectron2.utils import comm
+from mask2former_d2.evaluation import YTVISEvaluator
+
+def work(gt_file, out_dir, result_file):
+    MetadataCatalog.get("dist_ytvis").set(json_file=gt_file, thing_dataset_id_to_contiguous_id={1: 0})
+    gt = json.load(open(gt_file))
+    ev = YTVISEvaluator("dist_ytvis", output_dir=out_dir)
+    ev.reset()
+    import pycocotools.mask as mu
+    for video, ann in zip(gt["videos"], gt["annotations"]):
+        if video["id"] % 2 != comm.get_rank():
+            continue  # each process sees half of the videos
+        masks = torch.from_numpy(np.stack([mu.decode(s) for s in ann["segmentations"]]).astype(bool))
+        ev.process([{"video_id": video["id"], "length": video["length"]}],
+                   [{"pred_scores": [0.9], "pred_labels": [0], "pred_masks": [masks]}])
+    res = ev.evaluate()
+    if comm.is_main_process():
+        json.dump(res, open(result_file, "w"))
+    else:
+        assert res == {}
+
+if __name__ == "__main__":
+    launch(work, 2, dist_url="auto", args=tuple(sys.argv[1:]))
+'''
+
+
+@pytest.mark.skipif(not os.environ.get("M2F_SLOW"), reason="3 processes, ~1-2 min; M2F_SLOW=1")
+def test_evaluator_gathers_across_processes(tmp_path):
+    """Two gloo processes, each with half of the videos: the main process scores all of them."""
+    h, w = 20, 20
+    gts = [(v, 1, [box(h, w, v, v, v + 8, v + 8)] * 2) for v in (1, 2, 3, 4)]
+    gt, _ = to_json({v: 2 for v in (1, 2, 3, 4)}, {v: (h, w) for v in (1, 2, 3, 4)}, gts, [], [1])
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    script = tmp_path / "dist_eval.py"
+    script.write_text(_DISTRIBUTED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "gt.json"), str(tmp_path / "out"),
+                           str(tmp_path / "res.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["segm"]["AP"] == pytest.approx(100.0)  # would be 50 with one process's videos only
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(r["video_id"] for r in written) == [1, 2, 3, 4]
+
+
+def test_evaluator_without_ground_truth_only_writes_results(tmp_path):
+    """YouTube-VIS valid/test jsons have no annotations: results.json is for the server."""
+    h, w = 12, 16
+    gt, _ = to_json({3: 2}, {3: (h, w)}, [], [], [1, 2])
+    del gt["annotations"]
+    (tmp_path / "valid.json").write_text(json.dumps(gt))
+    name = "test_ytvis_evaluator_no_gt"
+    MetadataCatalog.get(name).set(json_file=str(tmp_path / "valid.json"),
+                                  thing_dataset_id_to_contiguous_id={1: 0, 2: 1})
+    evaluator = YTVISEvaluator(name, output_dir=str(tmp_path / "out"))
+    evaluator.reset()
+    masks = torch.zeros((2, h, w), dtype=torch.bool)
+    evaluator.process([{"video_id": 3, "length": 2}],
+                      [{"pred_scores": [0.5], "pred_labels": [1], "pred_masks": [masks]}])
+    assert evaluator.evaluate() == {}
+    (written,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (written["video_id"], written["category_id"], len(written["segmentations"])) == (3, 2, 2)

@@ -20,6 +20,7 @@ import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
@@ -32,6 +33,7 @@ __all__ = [
     "load_ytvis_json",
     "register_all_ytvis",
     "register_ytvis_instances",
+    "segmentation_to_rle",
     "ytvis_categories",
     "ytvis_metadata",
 ]
@@ -96,25 +98,39 @@ def _read_json(json_file: str) -> Dict[str, Any]:
     return content
 
 
-def _frame_segmentation(segm: Any, where: str) -> Any:
-    """One frame's segmentation as stored in a record: compressed RLE or valid polygons.
+def segmentation_to_rle(segm: Any, height: int, width: int, where: str) -> Dict[str, Any]:
+    """One frame's segmentation (compressed or uncompressed COCO RLE, or polygons) as compressed RLE.
 
-    Uncompressed RLE (``counts`` a list, as in the released train jsons) is compressed;
-    polygons with fewer than 3 points are dropped. Returns None when nothing valid is left.
+    Raises:
+        ValueError: naming ``where``, for another type, an RLE without ``counts``/``size`` or
+            one whose size is not (height, width).
     """
     if isinstance(segm, dict):
         if "counts" not in segm or "size" not in segm:
             raise ValueError(f"{where}: RLE segmentation needs 'counts' and 'size', got {sorted(segm)}")
-        if isinstance(segm["counts"], list):
-            return mask_util.frPyObjects(segm, *segm["size"])
+        if list(segm["size"]) != [height, width]:
+            raise ValueError(
+                f"{where}: mask size (H, W) = {tuple(segm['size'])}, but the video is ({height}, {width})"
+            )
+        if isinstance(segm["counts"], list):  # uncompressed, as in the released train jsons
+            return mask_util.frPyObjects(segm, height, width)
         return segm
     if isinstance(segm, list):
-        polygons = [p for p in segm if len(p) % 2 == 0 and len(p) >= 6]
-        return polygons or None
+        if not segm:
+            return mask_util.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        return mask_util.merge(mask_util.frPyObjects(segm, height, width))
     raise ValueError(
         f"{where}: unsupported segmentation type {type(segm).__name__}; expected COCO RLE (dict) or "
         "polygons (list of coordinate lists)"
     )
+
+
+def _frame_segmentation(segm: Any, height: int, width: int, where: str) -> Any:
+    """One frame's segmentation as stored in a record: compressed RLE, or the valid polygons
+    (fewer than 3 points dropped; None when none is left)."""
+    if isinstance(segm, list):
+        return [p for p in segm if len(p) % 2 == 0 and len(p) >= 6] or None
+    return segmentation_to_rle(segm, height, width, where)
 
 
 def _check_frames_exist(records: List[Dict[str, Any]], dataset: str) -> None:
@@ -212,7 +228,8 @@ def load_ytvis_json(
             for t in range(length):
                 if not segms[t]:
                     continue  # the track is absent from this frame
-                segm = _frame_segmentation(segms[t], f"{json_file} (annotation {ann.get('id')}, frame {t})")
+                where_t = f"{json_file} (annotation {ann.get('id')}, frame {t})"
+                segm = _frame_segmentation(segms[t], h, w, where_t)
                 if segm is None:
                     continue
                 obj = {k: ann[k] for k in keys if k in ann}
@@ -221,8 +238,7 @@ def load_ytvis_json(
                 obj["segmentation"] = segm
                 box = boxes[t] if t < len(boxes) else None
                 if not box:
-                    rle = segm if isinstance(segm, dict) else mask_util.merge(mask_util.frPyObjects(segm, h, w))
-                    box = mask_util.toBbox(rle).tolist()
+                    box = mask_util.toBbox(segmentation_to_rle(segm, h, w, where_t)).tolist()
                 obj["bbox"] = [float(x) for x in box]
                 obj["bbox_mode"] = BoxMode.XYWH_ABS
                 frames[t].append(obj)

@@ -28,7 +28,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
-from .instance import _polygons_to_rle
+from ...config import add_maskformer2_video_config
+from ..datasets.ytvis import segmentation_to_rle
 from .utils import (
     IMAGE_PAD_VALUE,
     AugmentationLike,
@@ -46,6 +47,17 @@ _SAMPLING_STYLES = ("range", "choice", "range_by_clip", "choice_by_clip")
 _FLIP_MODES = ("none", "horizontal", "vertical", "flip_by_clip")
 
 
+def _video_input(cfg: CfgNode, key: str) -> Any:
+    """``cfg.INPUT.<key>`` of the video keys, or its published default when the config was made
+    without :func:`~mask2former_d2.config.add_maskformer2_video_config` (an image-only config)."""
+    if key in cfg.INPUT:
+        return cfg.INPUT[key]
+    defaults = CfgNode(new_allowed=True)
+    defaults.INPUT = CfgNode(new_allowed=True)
+    add_maskformer2_video_config(defaults)
+    return defaults.INPUT[key]
+
+
 def build_clip_augmentations(cfg: CfgNode) -> List[Tuple[AugmentationLike, bool]]:
     """Training augmentations of a clip as ``(augmentation, clip_consistent)`` pairs, in order.
 
@@ -53,14 +65,16 @@ def build_clip_augmentations(cfg: CfgNode) -> List[Tuple[AugmentationLike, bool]
     ``INPUT.AUGMENTATIONS`` entries. The resize is drawn once per clip when
     ``INPUT.MIN_SIZE_TRAIN_SAMPLING`` ends in ``_by_clip``, else per frame; the flip once per clip
     for ``INPUT.RANDOM_FLIP: flip_by_clip``, else per frame. The crop and the extra
-    augmentations are drawn once per clip.
+    augmentations are drawn once per clip (the published mapper draws them per frame, so that
+    the frames of one clip could be cropped, rotated and recoloured differently).
     """
     sampling, flip = cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING, cfg.INPUT.RANDOM_FLIP
     if sampling not in _SAMPLING_STYLES:
         raise ValueError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING={sampling!r}; expected one of {_SAMPLING_STYLES}")
     if flip not in _FLIP_MODES:
         raise ValueError(f"INPUT.RANDOM_FLIP={flip!r}; expected one of {_FLIP_MODES}")
-    unknown = [a for a in cfg.INPUT.AUGMENTATIONS if a not in EXTRA_AUGMENTATIONS]
+    extra = _video_input(cfg, "AUGMENTATIONS")
+    unknown = [a for a in extra if a not in EXTRA_AUGMENTATIONS]
     if unknown:
         raise ValueError(f"INPUT.AUGMENTATIONS has unknown entries {unknown}; valid: {list(EXTRA_AUGMENTATIONS)}")
 
@@ -83,7 +97,7 @@ def build_clip_augmentations(cfg: CfgNode) -> List[Tuple[AugmentationLike, bool]
             [-15, 15], expand=False, center=[(0.4, 0.4), (0.6, 0.6)], sample_style="range"
         ),
     }
-    augs.extend((extras[name](), True) for name in EXTRA_AUGMENTATIONS if name in cfg.INPUT.AUGMENTATIONS)
+    augs.extend((extras[name](), True) for name in EXTRA_AUGMENTATIONS if name in extra)
     return augs
 
 
@@ -118,20 +132,12 @@ def _numpy_seed(seed: Optional[int]) -> Iterator[None]:
 
 
 def _decode_segmentation(segm: Any, h: int, w: int, where: str) -> np.ndarray:
-    """(h, w) bool mask of a COCO-style segmentation: polygons, (un)compressed RLE or a bitmask."""
+    """(h, w) bool mask of a frame segmentation: polygons, (un)compressed RLE or a bitmask."""
     if isinstance(segm, np.ndarray):
-        mask = segm.astype(bool)
-    elif isinstance(segm, list):
-        mask = mask_util.decode(_polygons_to_rle(segm, h, w)).astype(bool)
-    elif isinstance(segm, dict):
-        if isinstance(segm.get("counts"), list):
-            segm = mask_util.frPyObjects(segm, *segm["size"])
-        mask = mask_util.decode(segm).astype(bool)
-    else:
-        raise ValueError(f"{where}: unsupported segmentation type {type(segm).__name__}")
-    if mask.shape != (h, w):
-        raise ValueError(f"{where}: segmentation of size (H, W) = {mask.shape} in a frame of size ({h}, {w})")
-    return mask
+        if segm.shape != (h, w):
+            raise ValueError(f"{where}: bitmask of shape {segm.shape} in a frame of size ({h}, {w})")
+        return segm.astype(bool)
+    return mask_util.decode(segmentation_to_rle(segm, h, w, where)).astype(bool)
 
 
 class YTVISDatasetMapper(MaskFormerMapperBase):
@@ -188,9 +194,9 @@ class YTVISDatasetMapper(MaskFormerMapperBase):
             ret["augmentations"] = [a for a, _ in pairs]
             ret["clip_consistent"] = [c for _, c in pairs]
         ret.update(
-            sampling_frame_num=cfg.INPUT.SAMPLING_FRAME_NUM,
-            sampling_frame_range=cfg.INPUT.SAMPLING_FRAME_RANGE,
-            sampling_frame_shuffle=cfg.INPUT.SAMPLING_FRAME_SHUFFLE,
+            sampling_frame_num=_video_input(cfg, "SAMPLING_FRAME_NUM"),
+            sampling_frame_range=_video_input(cfg, "SAMPLING_FRAME_RANGE"),
+            sampling_frame_shuffle=_video_input(cfg, "SAMPLING_FRAME_SHUFFLE"),
         )
         return ret
 
@@ -199,18 +205,15 @@ class YTVISDatasetMapper(MaskFormerMapperBase):
         return [a for a, _ in build_clip_augmentations(cfg)]
 
     # ------------------------------------------------------------------ helpers
-    def _augment_clip(self, frames: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, T.TransformList]]:
-        """Augments every frame; clip-consistent augmentations replay one random draw per clip."""
-        seeds = [int(np.random.randint(2**31)) if c else None for c in self.clip_consistent]
-        out = []
-        for image in frames:
-            aug_input = T.AugInput(image)
-            transforms = []
-            for aug, seed in zip(self.augmentations, seeds):
-                with _numpy_seed(seed):
-                    transforms.append(T.AugmentationList([aug])(aug_input))
-            out.append((aug_input.image, T.TransformList(transforms)))
-        return out
+    def _augment_frame(self, image: np.ndarray, seeds: Sequence[Optional[int]]) -> Tuple[np.ndarray, T.TransformList]:
+        """Augments one frame; ``seeds`` (one per augmentation, drawn once per clip) replay the
+        random draws of the clip-consistent augmentations, None draws anew."""
+        aug_input = T.AugInput(image)
+        transforms = []
+        for aug, seed in zip(self.augmentations, seeds):
+            with _numpy_seed(seed):
+                transforms.append(T.AugmentationList([aug])(aug_input))
+        return aug_input.image, T.TransformList(transforms)
 
     def _read_frame(self, dataset_dict: Dict[str, Any], file_name: str) -> np.ndarray:
         image = read_image_file(file_name, self.image_format)
@@ -277,21 +280,26 @@ class YTVISDatasetMapper(MaskFormerMapperBase):
         else:
             selected = list(range(length))
 
-        frames = [self._read_frame(dataset_dict, file_names[t]) for t in selected]
-        original_hw = frames[0].shape[:2]
-        augmented = self._augment_clip(frames)
+        # One frame at a time: only the augmented frames of a (long) video are kept.
+        seeds = [int(np.random.randint(2**31)) if c else None for c in self.clip_consistent]
+        images, clip_transforms, sizes = [], [], []
+        for t in selected:
+            frame = self._read_frame(dataset_dict, file_names[t])
+            original_hw = frame.shape[:2]
+            image, transforms = self._augment_frame(frame, seeds)
+            images.append(pad_to_multiple(image_to_tensor(image), self.size_divisibility, IMAGE_PAD_VALUE))
+            clip_transforms.append(transforms)
+            sizes.append(image.shape[:2])  # before padding
         dataset_dict["frame_idx"] = selected
         dataset_dict["file_names"] = [file_names[t] for t in selected]
-        dataset_dict["image"] = [
-            pad_to_multiple(image_to_tensor(image), self.size_divisibility, IMAGE_PAD_VALUE) for image, _ in augmented
-        ]
+        dataset_dict["image"] = images
         if not self.is_train:
             return dataset_dict
 
         source = f"video {dataset_dict.get('video_id')} ({file_names[0]})"
         tracks = self._clip_tracks([video_annos[t] for t in selected], source)
         dataset_dict["instances"] = [
-            self._frame_instances(video_annos[t], tracks, transforms, original_hw, image.shape[:2], file_names[t])
-            for t, (image, transforms) in zip(selected, augmented)
+            self._frame_instances(video_annos[t], tracks, transforms, original_hw, hw, file_names[t])
+            for t, transforms, hw in zip(selected, clip_transforms, sizes)
         ]
         return dataset_dict
