@@ -14,6 +14,7 @@ from detectron2.structures import BitMasks, ImageList, Instances
 from torch import Tensor
 from torch.nn import functional as F
 
+from ...layers.pointwise_conv import is_channels_last
 from ..meta_arch import MaskFormer
 from ..postprocessing import MaskLogitRows
 from .windows import WindowTracks
@@ -271,6 +272,11 @@ class VideoMaskFormer(MaskFormer):
                     )
                 m = inst.gt_masks
                 m = m.tensor if isinstance(m, BitMasks) else m
+                if not isinstance(m, Tensor):
+                    raise TypeError(
+                        f"batched_inputs[{i}]['instances'][{t}].gt_masks must be a BitMasks or a (N, H, W) "
+                        f"tensor; got {type(m).__name__} (convert polygons with the dataset mapper)"
+                    )
                 masks[:, t, : m.shape[-2], : m.shape[-1]] = m.to(self.device, torch.bool)
                 ids.append(inst.gt_ids.to(self.device))
             ids = torch.stack(ids, dim=1) if ids else torch.zeros((num, 0), dtype=torch.long)  # (N, T)
@@ -292,7 +298,10 @@ def _write_frames(buffer: Any, part: Any, start: int, total: int) -> Any:
         buffer = buffer if buffer is not None else [None] * len(part)
         return [_write_frames(b, p, start, total) for b, p in zip(buffer, part)]
     if buffer is None:
-        buffer = part.new_empty((total,) + tuple(part.shape[1:]))
+        # In the chunk's memory layout, so that later steps see what an unchunked run sees.
+        layout = torch.channels_last if is_channels_last(part) else torch.contiguous_format
+        buffer = torch.empty((total,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device,
+                             memory_format=layout)
     buffer[start : start + part.shape[0]] = part
     return buffer
 
