@@ -91,12 +91,14 @@ class VideoMaskFormer(MaskFormer):
         ret.update(semantic_on=False, panoptic_on=False, instance_on=True)
         ret["sem_seg_postprocess_before_inference"] = True
         del ret["test_topk_per_image"]
+        # .get: a config whose MODEL.MASK_FORMER was (re)made after add_maskformer2_video_config
+        # lacks these keys; their defaults are the published behaviour.
         ret.update(
-            num_frames=cfg.INPUT.SAMPLING_FRAME_NUM,
-            frame_chunk_size=test.FRAME_CHUNK_SIZE,
-            test_topk_per_video=test.TOPK_PER_VIDEO,
-            window_size=test.WINDOW_SIZE,
-            window_overlap=test.WINDOW_OVERLAP,
+            num_frames=cfg.INPUT.get("SAMPLING_FRAME_NUM", 2),
+            frame_chunk_size=test.get("FRAME_CHUNK_SIZE", 8),
+            test_topk_per_video=test.get("TOPK_PER_VIDEO", 10),
+            window_size=test.get("WINDOW_SIZE", 0),
+            window_overlap=test.get("WINDOW_OVERLAP", 0),
         )
         return ret
 
