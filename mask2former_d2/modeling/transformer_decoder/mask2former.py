@@ -221,6 +221,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             memory = memory.unflatten(0, (batch, frames)).transpose(2, 3).reshape(batch, -1, memory.shape[1])
             memories.append(memory)
             keys.append(memory + pos)  # keys carry the position encoding, values do not
+        # The input maps are not needed any more: a caller that kept no reference to them (long
+        # video clips) gets their memory back during decoding.
+        del x, feat
 
         query_pos = self.query_embed.weight.unsqueeze(0)  # (1, Q, C)
         output = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, C)

@@ -198,11 +198,15 @@ class VideoMaskFormer(MaskFormer):
             del batch
             if chunk >= num:
                 x, mask_features = x_part, mf_part
+                del x_part, mf_part
                 break
             x = _write_frames(x, x_part, start, num)
             mask_features = _write_frames(mask_features, mf_part, start, num)
             del x_part, mf_part
-        outputs = head.predictor(x, mask_features, final_masks=False)
+        # Handed over without a reference kept here, so the decoder can free the level maps.
+        levels = [x]
+        del x
+        outputs = head.predictor(levels.pop(), mask_features, final_masks=False)
         return outputs["pred_logits"][0], outputs["pred_mask_embed"][0], mask_features
 
     def inference_video(
