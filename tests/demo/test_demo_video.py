@@ -67,9 +67,10 @@ class TestDemoVideo(unittest.TestCase):
             corrupt = os.path.join(d, "corrupt.mp4")
             with open(corrupt, "wb") as f:
                 f.write(b"not a video" * 100)
+            out = os.path.join(d, "out") + "/"
             cases = [
-                (["--video-input", os.path.join(d, "missing.mp4"), "--output", os.path.join(d, "out") + "/"], "missing.mp4: no such file"),
-                (["--video-input", corrupt, "--output", os.path.join(d, "out") + "/"], "corrupt.mp4: OpenCV cannot"),
+                (["--video-input", os.path.join(d, "missing.mp4"), "--output", out], "missing.mp4: no such file"),
+                (["--video-input", corrupt, "--output", out], "corrupt.mp4: OpenCV cannot"),
                 (["--video-input", CLIP, "--output", d + "/", "--confidence-threshold", "5"],
                  "--confidence-threshold must be in [0, 1]; got 5.0"),
                 (["--video-input", CLIP, "--output", os.path.join(d, "x.gif")], "a video output must end in"),

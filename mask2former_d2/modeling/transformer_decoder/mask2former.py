@@ -151,7 +151,12 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
         )
 
     def forward(
-        self, x: List[Tensor], mask_features: Tensor, mask: Optional[Tensor] = None
+        self,
+        x: List[Tensor],
+        mask_features: Tensor,
+        mask: Optional[Tensor] = None,
+        *,
+        final_masks: bool = True,
     ) -> Dict[str, Any]:
         """Predicts classes and masks.
 
@@ -159,6 +164,10 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
             x: three feature maps (B, in_channels, H_l, W_l), lowest resolution first.
             mask_features: (B, E, Hm, Wm) per-pixel embeddings.
             mask: ignored; padded pixels are not masked (as in the published model).
+            final_masks: False (eval mode only) returns the final mask embeddings
+                ``pred_mask_embed`` (B, Q, E) instead of ``pred_masks``, for callers that need
+                the masks of a few queries only (``pred_masks`` = their product with
+                ``mask_features``).
 
         Returns:
             ``pred_logits`` (B, Q, K+1) (only with mask classification), ``pred_masks``
@@ -184,11 +193,16 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
             memory = memory.unflatten(0, (batch, frames)).transpose(2, 3).reshape(batch, -1, memory.shape[1])
             memories.append(memory)
             keys.append(memory + pos)  # keys carry the position encoding, values do not
+        # The input maps are not needed any more: a caller that kept no reference to them (long
+        # video clips) gets their memory back during decoding.
+        del x, feat
 
         query_pos = self.query_embed.weight.unsqueeze(0)  # (1, Q, C)
         output = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, C)
 
         keep_all = self.training or self.aux_outputs_in_eval
+        if not final_masks and keep_all:
+            raise ValueError("final_masks=False is for eval mode without aux_outputs_in_eval")
         level_mask_features: Dict[int, Tensor] = {}
         logits: List[Tensor] = []
         masks: List[Tensor] = []
@@ -209,8 +223,9 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
             if keep_all or last:
                 if self.mask_classification:
                     logits.append(self.class_embed(decoded))  # (B, Q, K+1)
-                mask_logits = self._mask_logits(embed, mask_features)
-                masks.append(mask_logits)  # (B, Q, [T,] Hm, Wm)
+                if not last or final_masks:
+                    mask_logits = self._mask_logits(embed, mask_features)
+                    masks.append(mask_logits)  # (B, Q, [T,] Hm, Wm)
             if last:
                 break
 
@@ -227,6 +242,11 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
                 low = self._mask_logits(embed, level_mask_features[lvl])
             attn_mask = _attention_mask(low)
 
+        if not final_masks:
+            out = {"pred_mask_embed": embed, "aux_outputs": []}
+            if self.mask_classification:
+                out["pred_logits"] = logits[-1]
+            return out
         return self._pack_predictions(logits if self.mask_classification else None, masks)
 
     # Hooks for subclasses whose batch items are clips of T frames (see the video decoder); an

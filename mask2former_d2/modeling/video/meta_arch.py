@@ -5,7 +5,7 @@ tracks of a clip, Hp/Wp the padded frame size, Hm/Wm = Hp/4, Wp/4 the mask-logit
 frame's own (resized) size, H/W the requested output size.
 """
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode, configurable
@@ -14,6 +14,7 @@ from detectron2.structures import BitMasks, ImageList, Instances
 from torch import Tensor
 from torch.nn import functional as F
 
+from ...layers.pointwise_conv import is_channels_last
 from ..meta_arch import MaskFormer
 from ..postprocessing import MaskLogitRows
 from .windows import WindowTracks
@@ -90,12 +91,14 @@ class VideoMaskFormer(MaskFormer):
         ret.update(semantic_on=False, panoptic_on=False, instance_on=True)
         ret["sem_seg_postprocess_before_inference"] = True
         del ret["test_topk_per_image"]
+        # .get: a config whose MODEL.MASK_FORMER was (re)made after add_maskformer2_video_config
+        # lacks these keys; their defaults are the published behaviour.
         ret.update(
-            num_frames=cfg.INPUT.SAMPLING_FRAME_NUM,
-            frame_chunk_size=test.FRAME_CHUNK_SIZE,
-            test_topk_per_video=test.TOPK_PER_VIDEO,
-            window_size=test.WINDOW_SIZE,
-            window_overlap=test.WINDOW_OVERLAP,
+            num_frames=cfg.INPUT.get("SAMPLING_FRAME_NUM", 2),
+            frame_chunk_size=test.get("FRAME_CHUNK_SIZE", 8),
+            test_topk_per_video=test.get("TOPK_PER_VIDEO", 10),
+            window_size=test.get("WINDOW_SIZE", 0),
+            window_overlap=test.get("WINDOW_OVERLAP", 0),
         )
         return ret
 
@@ -170,51 +173,63 @@ class VideoMaskFormer(MaskFormer):
         padded_size = self._padded_size(frames)
         if self.window_size and len(frames) > self.window_size:
             return self._inference_windows(frames, padded_size, image_size, out_size)
-        mask_cls, mask_pred = self._decode_clip(frames, padded_size)
-        return self.inference_video(mask_cls, mask_pred, padded_size, image_size, out_size)
+        mask_cls, embed, mask_features = self._decode_clip(frames, padded_size)
 
-    def _decode_clip(self, frames: Sequence[Tensor], padded_size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
-        """Class logits (Q, K+1) and mask logits (Q, T, Hm, Wm) of one clip; the backbone and
-        pixel decoder run over ``frame_chunk_size`` frames at a time."""
-        chunk = self.frame_chunk_size if self.frame_chunk_size > 0 else len(frames)
+        def frame_logits(queries: Tensor, t: int) -> Tensor:
+            return torch.einsum("pe,ehw->phw", embed[queries], mask_features[t])
+
+        return self.inference_video(mask_cls, frame_logits, len(frames), padded_size, image_size, out_size)
+
+    def _decode_clip(self, frames: Sequence[Tensor], padded_size: Tuple[int, int]) -> Tuple[Tensor, Tensor, Tensor]:
+        """One clip through the model: class logits (Q, K+1), final mask embeddings (Q, E) and
+        mask features (T, E, Hm, Wm) (mask logits = their product, made only for the queries
+        kept). The backbone and pixel decoder run over ``frame_chunk_size`` frames at a time,
+        their outputs written into clip-long buffers."""
+        num = len(frames)
+        chunk = self.frame_chunk_size if self.frame_chunk_size > 0 else num
         head = self.sem_seg_head
-        x_parts: List[Any] = []
-        mf_parts: List[Tensor] = []
-        for start in range(0, len(frames), chunk):
+        x = mask_features = None
+        for start in range(0, num, chunk):
             part = frames[start : start + chunk]
             batch = self.pixel_mean.new_zeros((len(part), self.pixel_mean.shape[0]) + tuple(padded_size))
             for i, f in enumerate(part):
                 batch[i, :, : f.shape[-2], : f.shape[-1]] = self._normalize(f)
-            x, mask_features = head.decoder_inputs(self.backbone(self._backbone_input(batch)))
+            x_part, mf_part = head.decoder_inputs(self.backbone(self._backbone_input(batch)))
             del batch
-            x_parts.append(x)
-            mf_parts.append(mask_features)
-        x = _cat_frames(x_parts)
-        del x_parts
-        mask_features = _cat_frames(mf_parts)
-        del mf_parts
-        outputs = head.predictor(x, mask_features)
-        return outputs["pred_logits"][0], outputs["pred_masks"][0]
+            if chunk >= num:
+                x, mask_features = x_part, mf_part
+                del x_part, mf_part
+                break
+            x = _write_frames(x, x_part, start, num)
+            mask_features = _write_frames(mask_features, mf_part, start, num)
+            del x_part, mf_part
+        # Handed over without a reference kept here, so the decoder can free the level maps.
+        levels = [x]
+        del x
+        outputs = head.predictor(levels.pop(), mask_features, final_masks=False)
+        return outputs["pred_logits"][0], outputs["pred_mask_embed"][0], mask_features
 
     def inference_video(
         self,
         mask_cls: Tensor,
-        mask_pred: Tensor,
+        frame_logits: Callable[[Tensor, int], Tensor],
+        num_frames: int,
         padded_size: Tuple[int, int],
         image_size: Tuple[int, int],
         out_size: Tuple[int, int],
     ) -> Dict[str, Any]:
-        """The published per-video output from (Q, K+1) class logits and (Q, T, Hm, Wm) mask
-        logits (PARITY_NOTES 16): the best (query, class) pairs over the flattened Q x K softmax
-        scores (no-object dropped), their masks upsampled to the padded size, cropped to the
-        frame, resized to ``out_size`` and thresholded at 0 — one frame at a time."""
+        """The published per-video output (PARITY_NOTES 16) from (Q, K+1) class logits and
+        ``frame_logits(queries, t)``, the (P, Hm, Wm) mask logits of the given queries in frame
+        t: the best (query, class) pairs over the flattened Q x K softmax scores (no-object
+        dropped), their masks upsampled to the padded size, cropped to the frame, resized to
+        ``out_size`` and thresholded at 0, one frame at a time."""
         num_classes = self.sem_seg_head.num_classes
         scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]  # (Q, K)
         k = min(self.test_topk_per_video, scores.numel())
         top_scores, top_idx = scores.flatten().topk(k)
         labels = top_idx % num_classes
         queries = top_idx // num_classes
-        masks = _video_masks(mask_pred[queries], padded_size, image_size, out_size)
+        masks = _video_masks(frame_logits, queries, num_frames, padded_size, image_size, out_size)
         return {
             "image_size": out_size,
             "pred_scores": top_scores.tolist(),
@@ -232,10 +247,12 @@ class VideoMaskFormer(MaskFormer):
         """Windowed inference (``window_size`` > 0): see :class:`~.windows.WindowTracks`."""
         tracks = WindowTracks(len(frames), self.window_size, self.window_overlap)
         for start, stop in tracks.windows():
-            mask_cls, mask_pred = self._decode_clip(frames[start:stop], padded_size)
-            tracks.add(start, mask_cls, mask_pred)
-        mask_cls, mask_pred = tracks.result()
-        return self.inference_video(mask_cls, mask_pred, padded_size, image_size, out_size)
+            mask_cls, embed, mask_features = self._decode_clip(frames[start:stop], padded_size)
+            tracks.add(start, mask_cls, torch.einsum("qe,tehw->qthw", embed, mask_features))
+            del mask_features
+        return self.inference_video(
+            tracks.class_logits(), tracks.frame_logits, len(frames), padded_size, image_size, out_size
+        )
 
     # ----------------------------------------------------------------- targets
     def prepare_targets(self, batched_inputs: List[Dict[str, Any]], images: ImageList) -> List[Dict[str, Tensor]]:
@@ -261,6 +278,11 @@ class VideoMaskFormer(MaskFormer):
                     )
                 m = inst.gt_masks
                 m = m.tensor if isinstance(m, BitMasks) else m
+                if not isinstance(m, Tensor):
+                    raise TypeError(
+                        f"batched_inputs[{i}]['instances'][{t}].gt_masks must be a BitMasks or a (N, H, W) "
+                        f"tensor; got {type(m).__name__} (convert polygons with the dataset mapper)"
+                    )
                 masks[:, t, : m.shape[-2], : m.shape[-1]] = m.to(self.device, torch.bool)
                 ids.append(inst.gt_ids.to(self.device))
             ids = torch.stack(ids, dim=1) if ids else torch.zeros((num, 0), dtype=torch.long)  # (N, T)
@@ -275,23 +297,34 @@ class VideoMaskFormer(MaskFormer):
         return out
 
 
-def _cat_frames(parts: List[Any]) -> Any:
-    """Concatenates per-chunk outputs along the frame (batch) axis: tensors or lists of them."""
-    if len(parts) == 1:
-        return parts[0]
-    if isinstance(parts[0], Tensor):
-        return torch.cat(parts)
-    return [torch.cat(level) for level in zip(*parts)]
+def _write_frames(buffer: Any, part: Any, start: int, total: int) -> Any:
+    """Copies a chunk's per-frame outputs (a tensor or a list of them) into frames
+    [start, start + len) of clip-long buffers of ``total`` frames, allocated on first use."""
+    if isinstance(part, (list, tuple)):
+        buffer = buffer if buffer is not None else [None] * len(part)
+        return [_write_frames(b, p, start, total) for b, p in zip(buffer, part)]
+    if buffer is None:
+        # In the chunk's memory layout, so that later steps see what an unchunked run sees.
+        layout = torch.channels_last if is_channels_last(part) else torch.contiguous_format
+        buffer = torch.empty((total,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device,
+                             memory_format=layout)
+    buffer[start : start + part.shape[0]] = part
+    return buffer
 
 
 def _video_masks(
-    low: Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int], out_size: Tuple[int, int]
+    frame_logits: Callable[[Tensor, int], Tensor],
+    queries: Tensor,
+    num_frames: int,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    out_size: Tuple[int, int],
 ) -> Tensor:
-    """(P, T, Hm, Wm) mask logits -> (P, T, H, W) bool masks, logit > 0 after the published
-    resize chain; only one frame's full-resolution logits exist at a time."""
-    num, frames = low.shape[:2]
-    out = torch.empty((num, frames) + tuple(out_size), dtype=torch.bool, device=low.device)
-    for t in range(frames):
-        rows = MaskLogitRows(low[:, t], padded_size, image_size, out_size).rows(0, out_size[0])  # (H, W, P)
+    """(P, T, H, W) bool masks of the P ``queries``: logit > 0 after the published resize chain;
+    only one frame's full-resolution logits exist at a time."""
+    out = torch.empty((len(queries), num_frames) + tuple(out_size), dtype=torch.bool, device=queries.device)
+    for t in range(num_frames):
+        low = frame_logits(queries, t)  # (P, Hm, Wm)
+        rows = MaskLogitRows(low, padded_size, image_size, out_size).rows(0, out_size[0])  # (H, W, P)
         out[:, t] = (rows > 0).permute(2, 0, 1)
     return out

@@ -116,6 +116,20 @@ class TestVideoDecoder(unittest.TestCase):
         torch.testing.assert_close(ev["pred_masks"], train["pred_masks"], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ev["pred_logits"], train["pred_logits"], atol=1e-4, rtol=1e-4)
 
+    def test_final_mask_embeddings_instead_of_masks(self):
+        self.dec.eval()
+        x, mf = self._inputs(3)
+        with torch.no_grad():
+            full = self.dec(x, mf)
+            lazy = self.dec(x, mf, final_masks=False)
+        self.assertNotIn("pred_masks", lazy)
+        torch.testing.assert_close(lazy["pred_logits"], full["pred_logits"])
+        masks = torch.einsum("bqe,tehw->bqthw", lazy["pred_mask_embed"], mf)
+        torch.testing.assert_close(masks, full["pred_masks"], atol=1e-4, rtol=1e-4)
+        self.dec.train()
+        with self.assertRaisesRegex(ValueError, "eval mode"):
+            self.dec(*self._inputs(2), final_masks=False)
+
 
 if __name__ == "__main__":
     unittest.main()

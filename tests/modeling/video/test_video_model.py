@@ -60,7 +60,8 @@ class TestInference(unittest.TestCase):
         model = self.model
         frames = model._frames([self.clip])
         padded = model._padded_size(frames)
-        cls_logits, mask_logits = model._decode_clip(frames, padded)
+        cls_logits, embed, mask_features = model._decode_clip(frames, padded)
+        mask_logits = torch.einsum("qe,tehw->qthw", embed, mask_features)
         scores = cls_logits.softmax(-1)[:, :-1]
         top, idx = scores.flatten().topk(10)
         low = mask_logits[idx // 40]
