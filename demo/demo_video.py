@@ -55,6 +55,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-size", type=int, default=0, metavar="W",
                         help="long-video mode: run the model on windows of W frames and link the tracks of "
                         "overlapping windows (changes the outputs; default 0: the whole clip at once)")
+    parser.add_argument("--window-overlap", type=int, default=None, metavar="O",
+                        help="frames shared by consecutive windows in long-video mode (default: W // 4)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; must come last")
     return parser
@@ -103,7 +105,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DemoError(f"--fps must be > 0; got {args.fps}")
     opts = list(args.opts)
     if args.window_size:
-        opts += ["MODEL.MASK_FORMER.TEST.WINDOW_SIZE", str(args.window_size)]
+        overlap = args.window_size // 4 if args.window_overlap is None else args.window_overlap
+        if not 0 <= overlap < args.window_size:
+            raise DemoError(f"--window-overlap must be in [0, --window-size); got {overlap}")
+        opts += ["MODEL.MASK_FORMER.TEST.WINDOW_SIZE", str(args.window_size),
+                 "MODEL.MASK_FORMER.TEST.WINDOW_OVERLAP", str(overlap)]
     cfg = setup_cfg(args.config_file, opts)
 
     # Inputs and output are checked before the (slow) model construction.

@@ -49,6 +49,15 @@ class TestDemoVideo(unittest.TestCase):
         # With every track drawn (threshold 0) the frames are not the source frames.
         self.assertGreater(np.abs(drawn[0].astype(int) - source[0].astype(int)).mean(), 1.0)
 
+    def test_long_video_mode(self):
+        source, _ = read_all(CLIP)
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "windowed.mp4")
+            proc = run_demo("--video-input", CLIP, "--output", out, "--window-size", "2", "--window-overlap", "1")
+            self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+            drawn, _ = read_all(out)
+        self.assertEqual(len(drawn), len(source))
+
     def test_folder_of_frames(self):
         source, _ = read_all(CLIP)
         with tempfile.TemporaryDirectory() as d:
