@@ -1,13 +1,16 @@
 # The two commands of the README. Both set up .venv first (idempotent, offline-capable).
 PY := .venv/bin/python
 
-.PHONY: setup quickstart test
+.PHONY: setup quickstart quickstart-video test
 
 setup:
 	bash scripts/setup_env.sh
 
 quickstart: setup
 	$(PY) tools/quickstart.py --output output/quickstart
+
+quickstart-video: setup
+	$(PY) tools/quickstart_video.py --output output/quickstart_video
 
 test: setup
 	.venv/bin/ruff check .
