@@ -8,6 +8,7 @@ queries (B, Q, C), level memories (B, S_l, C). Attention masks are bool (B, Q, S
 True = blocked, shared by all heads.
 """
 
+import contextlib
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...layers.pointwise_conv import is_channels_last
+from ..precision import full_precision, low_precision_inference
 from .build import TRANSFORMER_DECODER_REGISTRY
 from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, aux_predictions
 from .position_encoding import PositionEmbeddingSine
@@ -214,6 +216,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         output = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, C)
 
         keep_all = self.training or self.aux_outputs_in_eval
+        # At low-precision inference the prediction heads and all mask logits are float32.
+        fp32_heads = low_precision_inference() is not None
+        if fp32_heads:
+            mask_features = mask_features.float()
+        heads_context = full_precision(mask_features) if fp32_heads else contextlib.nullcontext()
         level_mask_features: Dict[int, Tensor] = {}
         logits: List[Tensor] = []
         masks: List[Tensor] = []
@@ -228,28 +235,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 output = self.transformer_ffn_layers[i - 1](output)
 
             last = i == self.num_layers
-            decoded = self.decoder_norm(output)  # (B, Q, C)
-            embed = self.mask_embed(decoded)  # (B, Q, E)
-            mask_logits = None
-            if keep_all or last:
-                if self.mask_classification:
-                    logits.append(self.class_embed(decoded))  # (B, Q, K+1)
-                mask_logits = torch.einsum("bqe,behw->bqhw", embed, mask_features)
-                masks.append(mask_logits)  # (B, Q, Hm, Wm)
+            with heads_context:
+                attn_mask = self._predict(
+                    output.float() if fp32_heads else output, mask_features, keep_all or last,
+                    None if last else i % self.num_feature_levels, sizes, level_mask_features,
+                    logits, masks,
+                )
             if last:
                 break
-
-            # Attention mask for the next layer, at the resolution of the level it reads.
-            lvl = i % self.num_feature_levels
-            if mask_logits is not None:
-                low = F.interpolate(
-                    mask_logits, size=sizes[lvl], mode="bilinear", align_corners=False
-                )  # (B, Q, H_l, W_l)
-            else:
-                if lvl not in level_mask_features:
-                    level_mask_features[lvl] = _resize_per_channel(mask_features, sizes[lvl])
-                low = torch.einsum("bqe,behw->bqhw", embed, level_mask_features[lvl])
-            attn_mask = _attention_mask(low)
 
         out: Dict[str, Any] = {
             "pred_masks": masks[-1],
@@ -258,6 +251,43 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if self.mask_classification:
             out["pred_logits"] = logits[-1]
         return out
+
+
+    def _predict(
+        self,
+        output: Tensor,
+        mask_features: Tensor,
+        keep: bool,
+        next_level: Optional[int],
+        sizes: List[Tuple[int, int]],
+        level_mask_features: Dict[int, Tensor],
+        logits: List[Tensor],
+        masks: List[Tensor],
+    ) -> Optional[Tensor]:
+        """Decodes the queries ``output`` (B, Q, C): with ``keep`` appends the class logits
+        and the mask logits to ``logits`` / ``masks``; returns the attention mask for the layer
+        reading ``next_level`` (None for none). ``level_mask_features`` caches the mask features
+        resized to a level."""
+        decoded = self.decoder_norm(output)  # (B, Q, C)
+        embed = self.mask_embed(decoded)  # (B, Q, E)
+        mask_logits = None
+        if keep:
+            if self.mask_classification:
+                logits.append(self.class_embed(decoded))  # (B, Q, K+1)
+            mask_logits = torch.einsum("bqe,behw->bqhw", embed, mask_features)
+            masks.append(mask_logits)  # (B, Q, Hm, Wm)
+        if next_level is None:
+            return None
+        # Attention mask for the next layer, at the resolution of the level it reads.
+        if mask_logits is not None:
+            low = F.interpolate(
+                mask_logits, size=sizes[next_level], mode="bilinear", align_corners=False
+            )  # (B, Q, H_l, W_l)
+        else:
+            if next_level not in level_mask_features:
+                level_mask_features[next_level] = _resize_per_channel(mask_features, sizes[next_level])
+            low = torch.einsum("bqe,behw->bqhw", embed, level_mask_features[next_level])
+        return _attention_mask(low)
 
 
 def _attention_mask(mask_logits: Tensor) -> Tensor:
