@@ -176,4 +176,7 @@ def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
         if key not in known:
             raise _unknown_key_error(cfg, key, "command-line override")
     cfg.merge_from_list(opts)
+    from .modeling.precision import precision_dtype
+
+    precision_dtype(cfg.MODEL.MASK_FORMER.TEST.PRECISION)  # ValueError naming the key
     return cfg

@@ -10,6 +10,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import MaskFormerCheckpointer
 from ..config import get_maskformer_cfg
+from ..modeling.precision import check_precision
 
 __all__ = ["setup", "main", "launch_main"]
 
@@ -19,6 +20,8 @@ def setup(args):
     cfg = get_maskformer_cfg(args.config_file, args.opts)
     if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    # An inference precision the device has no units for: one error before any work.
+    check_precision(cfg.MODEL.MASK_FORMER.TEST.PRECISION, torch.device(cfg.MODEL.DEVICE).type)
     cfg.freeze()
     procs = comm.get_local_size()
     if cfg.MODEL.DEVICE == "cpu" and procs > 1 and "OMP_NUM_THREADS" not in os.environ:

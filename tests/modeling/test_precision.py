@@ -51,8 +51,13 @@ class TestPrecisionConfig(unittest.TestCase):
         self.assertEqual(tiny_cfg().MODEL.MASK_FORMER.TEST.PRECISION, "fp32")
 
     def test_invalid_precision(self):
-        cfg = tiny_cfg("MODEL.MASK_FORMER.TEST.PRECISION", "int8")
+        # At config time (scripts report config errors in one line) ...
         with self.assertRaisesRegex(ValueError, r"MODEL.MASK_FORMER.TEST.PRECISION='int8': expected one of"):
+            tiny_cfg("MODEL.MASK_FORMER.TEST.PRECISION", "int8")
+        # ... and when a config is changed afterwards.
+        cfg = tiny_cfg()
+        cfg.MODEL.MASK_FORMER.TEST.PRECISION = "half"
+        with self.assertRaisesRegex(ValueError, r"PRECISION='half': expected one of 'fp32', 'bf16', 'fp16'"):
             build_model(cfg)
 
     def test_unavailable_precision_is_an_error(self):
@@ -106,6 +111,17 @@ class TestTinyModel(unittest.TestCase):
         self.assertEqual((seen["masks"], seen["logits"]), (torch.float32, torch.float32))
         self.assertEqual(out["sem_seg"].dtype, torch.float32)
         self.assertTrue(torch.isfinite(out["sem_seg"]).all())
+
+    def test_predictor_honours_the_key(self):
+        from mask2former_d2.predictor import Predictor
+
+        seen = {}
+        with _low_precision():
+            predictor = Predictor(tiny_cfg("MODEL.MASK_FORMER.TEST.PRECISION", "bf16"))
+            predictor.model.backbone.register_forward_hook(lambda m, i, o: seen.update(res2=o["res2"].dtype))
+            out = predictor(np.zeros((48, 64, 3), dtype=np.uint8))
+        self.assertEqual(seen["res2"], torch.bfloat16)
+        self.assertEqual(out["sem_seg"].dtype, torch.float32)
 
     def test_fp16_runs(self):
         with _low_precision(torch.float16):
