@@ -1,18 +1,23 @@
 """Inference speed and memory of a Mask2Former model, stage by stage.
 
 Default: the R50 COCO panoptic Mask2Former (semantic + instance + panoptic outputs), one
-800x1333 image, float32, 2 CPU threads, random weights. Timings do not depend on the values,
+800x1333 image, 2 CPU threads, random weights, one row per inference precision
+(``--precisions fp32,bf16,fp16``, MODEL.MASK_FORMER.TEST.PRECISION); a precision the device
+has no units for is reported as not available (``--emulate`` measures its deviation from fp32
+anyway, through ``emulate_low_precision``, with meaningless timings). Timings do not depend on the values,
 except post-processing through the number of kept queries: the class head is set so that every
 query is a confident thing, all kept by panoptic and used by instance inference (the slowest
 case). Each setting runs in its own subprocess, so that peak RSS is that of one model.
 
 Prints a table: seconds per image for backbone, pixel decoder, transformer decoder,
 post-processing and total, each the fastest of --repeat runs after a warm-up (on a shared
-machine noise only adds time); peak RSS; parameters and GFLOPs (fvcore). With a GPU, also GPU
-fp32 and fp16 (autocast).
+machine noise only adds time); peak RSS; parameters and GFLOPs (fvcore); the time ratio of each
+precision to fp32 and the deviation of its outputs from fp32 (semantic argmax agreement,
+panoptic pixel agreement and segment counts, instance mask IoU in matched order; see
+``mask2former_d2.modeling.precision.output_agreement``). With a GPU, the same rows on it.
 
     python benchmarks/bench_inference.py [--config FILE] [--size 800 1333] [--threads 2]
-        [--repeat 5] [--rounds 3 --save-weights W.pth
+        [--repeat 5] [--precisions fp32,bf16] [--emulate] [--rounds 3 --save-weights W.pth
         --reference-cmd "python my_published_harness.py --weights W.pth"]
 
 The published implementation's figures stated in the model issue (11.5 s/image, peak RSS
@@ -50,7 +55,10 @@ def _measure(args) -> dict:
     from mask2former_d2 import get_maskformer_cfg
 
     torch.set_num_threads(args.threads)
-    cfg = get_maskformer_cfg(args.config, ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""])
+    cfg = get_maskformer_cfg(
+        args.config,
+        ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", "MODEL.MASK_FORMER.TEST.PRECISION", args.precision],
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     if args.weights:
@@ -89,14 +97,15 @@ def _measure(args) -> dict:
     # The head calls the pixel decoder's forward_features, not its forward.
     timed("pixel_decoder", model.sem_seg_head.pixel_decoder, "forward_features")
     timed("transformer_decoder", model.sem_seg_head.predictor, "forward")
-    autocast = torch.autocast(args.device, dtype=torch.float16, enabled=args.half)
     runs = []
-    with torch.no_grad(), autocast:
+    with torch.no_grad():
         warm = model(inputs)[0]  # warm-up
     out_counts = _digest(warm)
+    if args.save_outputs:  # for the deviation of this precision from fp32
+        torch.save(warm, args.save_outputs)
     if args.save_weights:  # the weights measured here, for another implementation to load
         torch.save({"model": model.state_dict()}, args.save_weights)
-    with torch.no_grad(), autocast:
+    with torch.no_grad():
         for _ in range(args.repeat):
             times.clear()
             sync()
@@ -194,46 +203,103 @@ def main():
     ap.add_argument("--save-weights", default="",
                     help="write the weights measured (after the class-head setting) to this .pth, "
                     "so that a --reference-cmd can load exactly the same model")
+    ap.add_argument("--precisions", default="fp32,bf16,fp16",
+                    help="comma-separated MODEL.MASK_FORMER.TEST.PRECISION values, one row each (fp32 "
+                    "is always measured: the deviations are relative to it)")
+    ap.add_argument("--emulate", action="store_true",
+                    help="measure precisions this device has no units for through emulate_low_precision "
+                    "(their deviation from fp32 is that of a machine with the units; their time is not)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--half", action="store_true")
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--save-outputs", default="", help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_measure(args)))
+        import contextlib
+
+        from mask2former_d2.modeling.precision import emulate_low_precision
+
+        with emulate_low_precision() if args.emulate else contextlib.nullcontext():
+            print(json.dumps(_measure(args)))
         return
+
+    import tempfile
 
     import torch
 
-    def child(*extra):
+    from mask2former_d2.modeling.precision import output_agreement, precision_dtype, unsupported_reason
+
+    precisions = ["fp32"] + [p for p in args.precisions.split(",") if p and p != "fp32"]
+    for p in precisions:
+        try:
+            precision_dtype(p)
+        except ValueError as e:
+            sys.exit(f"--precisions: {e}")
+    tmp = tempfile.mkdtemp(prefix="bench_inference_")
+
+    def child(device, precision, *extra):
         return [sys.executable, __file__, "--child", "--config", args.config,
                 "--size", *map(str, args.size), "--threads", str(args.threads),
                 "--repeat", str(args.repeat), *(["--weights", args.weights] if args.weights else []),
-                *extra]
+                "--device", device, "--precision", precision,
+                "--save-outputs", os.path.join(tmp, f"{device}_{precision}.pth"), *extra]
 
-    ours, reference = [], []
+    def measure(device, precision, first=()):
+        name = f"{device} {precision}"
+        reason = unsupported_reason(precision, device)
+        if reason is not None and not args.emulate:
+            print(f"{name}: not available ({reason})", file=sys.stderr, flush=True)
+            return name, None, reason
+        r = _run(child(device, precision, *first, *(["--emulate"] if reason else [])), name)
+        return name + (" (emulated)" if reason else ""), r, None
+
+    ours, reference, others = [], [], []
     for i in range(args.rounds):  # alternate, so that both see the same machine
         first = ["--flops", *(["--save-weights", args.save_weights] if args.save_weights else [])]
-        ours.append(_run(child("--device", "cpu", *(first if i == 0 else [])), "cpu fp32"))
+        ours.append(measure("cpu", "fp32", first if i == 0 else ())[1])
         if args.reference_cmd:
             reference.append(_run(shlex.split(args.reference_cmd), "reference"))
-    rows = [("mask2former_d2 (cpu fp32)", _combine(ours))]
-    if torch.cuda.is_available():
-        for name, extra in (("cuda fp32", []), ("cuda fp16", ["--half"])):
-            rows.append((f"mask2former_d2 ({name})", _run(child("--device", "cuda", *extra), name)))
+    rows = [("mask2former_d2 (cpu fp32)", _combine(ours), "cpu", "fp32")]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for p in precisions:
+            if device == "cpu" and p == "fp32":
+                continue
+            name, r, reason = measure(device, p)
+            if r is None:
+                others.append((name, reason))
+            else:
+                rows.append((f"mask2former_d2 ({name})", r, device, p))
 
     cols = ["backbone", "pixel_decoder", "transformer_decoder", "postprocess", "total", "peak_rss_gb"]
     print(f"\n{os.path.relpath(args.config, ROOT)}, {args.size[0]}x{args.size[1]}, "
           f"{args.threads} threads, seconds per image (fastest of {args.repeat} runs x "
           f"{args.rounds} process(es))\n")
-    print(f"| setting | {' | '.join(cols)} |")
-    print("|" + "---|" * (len(cols) + 1))
-    print(f"| published (cpu fp32, stated in the issue) | {' | '.join(f'{PUBLISHED[c]:.2f}' for c in cols)} |")
+    print(f"| setting | {' | '.join(cols)} | vs fp32 |")
+    print("|" + "---|" * (len(cols) + 2))
+    print(f"| published (cpu fp32, stated in the issue) | {' | '.join(f'{PUBLISHED[c]:.2f}' for c in cols)} | |")
     if reference:
         ref = _combine(reference)
-        print(f"| reference (cpu fp32, measured now) | {' | '.join(f'{ref[c]:.2f}' for c in cols)} |")
-    for name, r in rows:
-        print(f"| {name} | {' | '.join(f'{r[c]:.2f}' for c in cols)} |")
+        print(f"| reference (cpu fp32, measured now) | {' | '.join(f'{ref[c]:.2f}' for c in cols)} | |")
+    base = {d: r for _, r, d, p in rows if p == "fp32"}
+    for name, r, device, p in rows:
+        speedup = f"{base[device]['total'] / r['total']:.2f}x" if device in base else ""
+        if "emulated" in name:
+            speedup = "(emulated: not a timing)"
+        print(f"| {name} | {' | '.join(f'{r[c]:.2f}' for c in cols)} | {speedup} |")
+    for name, reason in others:
+        print(f"| {name}: not available ({reason}) |")
+    deviations = []
+    for name, r, device, p in rows:
+        if p == "fp32":
+            continue
+        d = output_agreement(*(torch.load(os.path.join(tmp, f"{device}_{q}.pth"), weights_only=False)
+                               for q in ("fp32", p)))
+        deviations.append(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in d.items()))
+    if deviations:
+        print("\ndeviation from fp32 on the same device:\n" + "\n".join(deviations))
     cpu = rows[0][1]
     print(f"\noutputs per image: {cpu['segments']} panoptic segments, {cpu['instances']} instances; "
           f"{cpu['params_m']:.1f} M parameters, {cpu['gflops']:.0f} GFLOPs (fvcore, forward without "

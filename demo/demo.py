@@ -32,6 +32,7 @@ from detectron2.utils.logger import setup_logger
 
 from mask2former_d2 import get_maskformer_cfg
 from mask2former_d2.config import validate_cfg
+from mask2former_d2.modeling.precision import check_precision
 from mask2former_d2.predictor import VisualizationDemo
 
 logger = logging.getLogger("mask2former_d2.demo")
@@ -119,6 +120,10 @@ def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
             raise DemoError(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available")
         logger.info("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
+    try:
+        check_precision(cfg.MODEL.MASK_FORMER.TEST.PRECISION, torch.device(cfg.MODEL.DEVICE).type)
+    except ValueError as e:
+        raise DemoError(str(e)) from None
     cfg.freeze()
     return cfg
 

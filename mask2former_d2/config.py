@@ -73,6 +73,9 @@ def add_maskformer2_config(cfg: CN) -> None:
     mf.TEST.OBJECT_MASK_THRESHOLD = 0.0
     mf.TEST.OVERLAP_THRESHOLD = 0.0
     mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+    # Arithmetic of inference: "fp32", or "bf16" / "fp16" where the device has the units for
+    # them (see mask2former_d2/modeling/precision.py).
+    mf.TEST.PRECISION = "fp32"
 
     # Inputs are padded to a multiple of this (-1: use the backbone's size_divisibility).
     mf.SIZE_DIVISIBILITY = 32
@@ -189,6 +192,9 @@ def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
         if key not in known:
             raise _unknown_key_error(cfg, key, "command-line override")
     cfg.merge_from_list(opts)
+    from .modeling.precision import precision_dtype
+
+    precision_dtype(cfg.MODEL.MASK_FORMER.TEST.PRECISION)  # ValueError naming the key
     return cfg
 
 

@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import MaskFormerCheckpointer
 from ..config import get_maskformer_cfg, validate_cfg
 from ..evaluation import check_evaluation
+from ..modeling.precision import check_precision
 
 __all__ = ["USER_ERRORS", "default_argument_parser", "setup", "main", "launch_main"]
 
@@ -48,6 +49,8 @@ def setup(args):
     _check_weights(cfg, args)
     if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    # An inference precision the device has no units for: one error before any work.
+    check_precision(cfg.MODEL.MASK_FORMER.TEST.PRECISION, torch.device(cfg.MODEL.DEVICE).type)
     cfg.freeze()
     procs = comm.get_local_size()
     if cfg.MODEL.DEVICE == "cpu" and procs > 1 and "OMP_NUM_THREADS" not in os.environ:

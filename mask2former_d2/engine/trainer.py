@@ -14,6 +14,7 @@ from ..data.mappers import build_dataset_mapper
 from ..evaluation import build_evaluator
 from ..solver import build_optimizer
 from ..test_time_augmentation import SemanticSegmentorWithTTA
+from .amp import MaskFormerAMPTrainer
 
 __all__ = ["Trainer"]
 
@@ -30,16 +31,21 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with the MaskFormer data mappers, optimizer, schedule and evaluators."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ wraps the model with the module-level ``create_ddp_model``,
-        # which is swapped for the CPU-aware one while it runs; everything else is Detectron2's.
+        # DefaultTrainer.__init__ wraps the model with the module-level ``create_ddp_model``
+        # and, with SOLVER.AMP.ENABLED, trains with the module-level ``AMPTrainer`` (CUDA only);
+        # both are swapped for the CPU-capable ones while it runs; everything else is
+        # Detectron2's.
         from detectron2.engine import defaults
 
-        original = defaults.create_ddp_model
-        defaults.create_ddp_model = _create_ddp_model
+        swaps = {"create_ddp_model": _create_ddp_model, "AMPTrainer": MaskFormerAMPTrainer}
+        originals = {name: getattr(defaults, name) for name in swaps}
+        for name, value in swaps.items():
+            setattr(defaults, name, value)
         try:
             super().__init__(cfg)
         finally:
-            defaults.create_ddp_model = original
+            for name, value in originals.items():
+                setattr(defaults, name, value)
 
     def build_hooks(self):
         # The hooks (periodic checkpoints, resume) use the strict checkpointer: a checkpoint

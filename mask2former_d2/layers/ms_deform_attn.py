@@ -243,6 +243,11 @@ def sample_value_table(
     return out.view(b, q, m * d)
 
 
+def _float32_if_half(x: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32; other dtypes (float32, float64) unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _is_power_of_2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
@@ -362,7 +367,9 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(b, s, self.num_heads, self.head_dim)  # (B, S, M, D)
+        # Sampled in float32 at any precision: one cast per layer here, instead of per-sample
+        # half arithmetic in the gathers (the CPU's slow path).
+        value = _float32_if_half(value).view(b, s, self.num_heads, self.head_dim)  # (B, S, M, D)
         sizes = [(int(h), int(w)) for h, w in input_spatial_shapes.tolist()]
         return value_table(value, sizes)
 
@@ -371,8 +378,9 @@ class MSDeformAttn(nn.Module):
         -> (B, Q, C)."""
         b, q, _ = query.shape
         m, num_levels, num_points = self.num_heads, self.num_levels, self.num_points
-        offsets = self.sampling_offsets(query).view(b, q, m, num_levels, num_points, 2)
-        weights = self.attention_weights(query).view(b, q, m, num_levels * num_points)
+        # Locations and attention weights in float32 whatever the precision of the projections.
+        offsets = _float32_if_half(self.sampling_offsets(query)).view(b, q, m, num_levels, num_points, 2)
+        weights = _float32_if_half(self.attention_weights(query)).view(b, q, m, num_levels * num_points)
         weights = F.softmax(weights, -1).view(b, q, m, num_levels, num_points)
 
         if reference_points.shape[-1] == 2:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .backbone.fold_bn import fold_frozen_batchnorm
 from .postprocessing import MaskLogitRows, postprocess_masks
+from .precision import check_precision, full_precision, inference_precision, precision_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,22 @@ def _resize_output(x: Tensor, image_size: Tuple[int, int], height: int, width: i
 def _thing_ids(metadata: Any) -> Tuple[int, ...]:
     mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
     return tuple(sorted(int(v) for v in mapping.values())) if mapping else ()
+
+
+def _checked_precision(precision: str, device: str) -> str:
+    check_precision(precision, torch.device(device).type)
+    return precision
+
+
+def _float_outputs(outputs: Any) -> Any:
+    """The head's outputs (nested dicts/lists of tensors) with floating tensors in float32."""
+    if isinstance(outputs, Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: _float_outputs(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_float_outputs(v) for v in outputs)
+    return outputs
 
 
 @META_ARCH_REGISTRY.register()
@@ -66,6 +83,7 @@ class MaskFormer(nn.Module):
         panoptic_on: bool = False,
         instance_on: bool = False,
         test_topk_per_image: int = 100,
+        precision: str = "fp32",
     ) -> None:
         """
         Args:
@@ -84,6 +102,8 @@ class MaskFormer(nn.Module):
             pixel_mean, pixel_std: per-channel normalisation, in the input's channel order.
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
             test_topk_per_image: instance detections kept per image.
+            precision: inference arithmetic, "fp32", "bf16" or "fp16" (see
+                :mod:`mask2former_d2.modeling.precision`); the device must support it.
         """
         super().__init__()
         if not (semantic_on or panoptic_on or instance_on):
@@ -124,6 +144,8 @@ class MaskFormer(nn.Module):
         self.panoptic_on = panoptic_on
         self.instance_on = instance_on
         self.test_topk_per_image = test_topk_per_image
+        self.precision = precision
+        self.precision_dtype = precision_dtype(precision)
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
@@ -150,6 +172,8 @@ class MaskFormer(nn.Module):
             "instance_on": test.INSTANCE_ON,
             "panoptic_on": test.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            # Checked against the device here, so that an unavailable precision fails at build.
+            "precision": _checked_precision(test.PRECISION, cfg.MODEL.DEVICE),
         }
 
     @property
@@ -184,8 +208,11 @@ class MaskFormer(nn.Module):
             segments_info) and ``instances`` as enabled.
         """
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(self._backbone_input(images.tensor))
-        outputs = self.sem_seg_head(features)
+        if self.training or self.precision_dtype == torch.float32:
+            features = self.backbone(self._backbone_input(images.tensor))
+            outputs = self.sem_seg_head(features)
+        else:
+            outputs = self._forward_low_precision(images.tensor)
 
         if self.training:
             if self.criterion is None:
@@ -195,7 +222,9 @@ class MaskFormer(nn.Module):
                 targets = self.prepare_targets(gt, images)
             else:
                 targets = None
-            losses = self.criterion(outputs, targets)
+            # The matching and the losses run in float32 under AMP too.
+            with full_precision(images.tensor):
+                losses = self.criterion(_float_outputs(outputs), targets)
             weights = self.criterion.weight_dict
             return {k: v * weights[k] for k, v in losses.items() if k in weights}
 
@@ -206,6 +235,14 @@ class MaskFormer(nn.Module):
                 outputs["pred_logits"], outputs["pred_masks"], images.image_sizes, batched_inputs
             )
         ]
+
+    def _forward_low_precision(self, x: Tensor) -> Dict[str, Any]:
+        """Backbone and head in ``self.precision`` (see :mod:`.precision`): the normalised
+        batch is cast once; the predictions come back in float32."""
+        dtype = check_precision(self.precision, x.device.type)
+        with inference_precision(dtype, x.device.type):
+            outputs = self.sem_seg_head(self.backbone(self._backbone_input(x).to(dtype)))
+        return _float_outputs(outputs)
 
     def _backbone_input(self, x: Tensor) -> Tensor:
         """The padded batch in the memory layout the backbone runs fastest in: channels-last

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ...layers.ms_deform_attn import MSDeformAttn, ValueTable
 from ...layers.pointwise_conv import is_channels_last, pointwise_conv
+from ..precision import full_precision, low_precision_inference
 from ..transformer_decoder.layers import FeedForwardMixin, make_dropout
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from .build import PIXEL_DECODER_REGISTRY
@@ -302,7 +303,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     Returns mask features at ``common_stride``, the encoder output of the coarsest level and
     three multi-scale maps (strides 32, 16, 8 with the default features) for the transformer
-    decoder. Runs in float32 even under autocast, as the published implementation does.
+    decoder. Runs in float32 even under autocast (training with AMP), as the published
+    implementation does; at low-precision inference (:mod:`..precision`) its convolutions and
+    linear layers run in that precision, the deformable sampling in float32.
     """
 
     @configurable
@@ -473,15 +476,21 @@ class MSDeformAttnPixelDecoder(nn.Module):
             multi_scale_features: the first three outputs, coarsest first (strides 32, 16, 8
                 with the default features), each (B, C, H_l, W_l).
         """
+        if low_precision_inference() is not None:
+            # Autocast stays on; the features stay in the low precision they come in.
+            return self._forward(features, lambda x: x)
         any_feature = features[self.in_features[0]]
         # Deformable attention and GroupNorm run in float32, as in the published decoder.
-        with torch.autocast(device_type=any_feature.device.type, enabled=False):
-            return self._forward_fp32(features)
+        with full_precision(any_feature):
+            return self._forward(features, Tensor.float)
 
-    def _forward_fp32(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    def _forward(
+        self, features: Dict[str, Tensor], cast: Callable[[Tensor], Tensor]
+    ) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """:meth:`forward_features` with every backbone feature read through ``cast``."""
         srcs, pos = [], []
         for idx, name in enumerate(self.transformer_in_features[::-1]):  # coarsest first
-            x = features[name].float()
+            x = cast(features[name])
             conv, norm = self.input_proj[idx]
             srcs.append(norm(pointwise_conv(conv, x)))
             pos.append(self.pe_layer(x))
@@ -508,7 +517,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for name, lateral_conv, output_conv in zip(
             fine_names, self.lateral_convs, self.output_convs
         ):
-            lateral = pointwise_conv(lateral_conv, features[name].float())
+            lateral = pointwise_conv(lateral_conv, cast(features[name]))
             up = F.interpolate(
                 out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
             )

@@ -8,6 +8,7 @@ queries (B, Q, C), level memories (B, S_l, C). Attention masks are bool (B, Q, S
 True = blocked, shared by all heads.
 """
 
+import contextlib
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...layers.pointwise_conv import is_channels_last
+from ..precision import full_precision, low_precision_inference
 from .build import TRANSFORMER_DECODER_REGISTRY
 from .heads import QueryHeadsMixin, check_num_heads, decoder_config, input_projection
 from .layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
@@ -203,6 +205,11 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
         keep_all = self.training or self.aux_outputs_in_eval
         if not final_masks and keep_all:
             raise ValueError("final_masks=False is for eval mode without aux_outputs_in_eval")
+        # At low-precision inference the prediction heads and all mask logits are float32.
+        fp32_heads = low_precision_inference() is not None
+        if fp32_heads:
+            mask_features = mask_features.float()
+        heads_context = full_precision(mask_features) if fp32_heads else contextlib.nullcontext()
         level_mask_features: Dict[int, Tensor] = {}
         logits: List[Tensor] = []
         masks: List[Tensor] = []
@@ -217,30 +224,31 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
                 output = self.transformer_ffn_layers[i - 1](output)
 
             last = i == self.num_layers
-            decoded = self.decoder_norm(output)  # (B, Q, C)
-            embed = self.mask_embed(decoded)  # (B, Q, E)
-            mask_logits = None
-            if keep_all or last:
-                if self.mask_classification:
-                    logits.append(self.class_embed(decoded))  # (B, Q, K+1)
-                if not last or final_masks:
-                    mask_logits = self._mask_logits(embed, mask_features)
-                    masks.append(mask_logits)  # (B, Q, [T,] Hm, Wm)
-            if last:
-                break
+            with heads_context:
+                decoded = self.decoder_norm(output.float() if fp32_heads else output)  # (B, Q, C)
+                embed = self.mask_embed(decoded)  # (B, Q, E)
+                mask_logits = None
+                if keep_all or last:
+                    if self.mask_classification:
+                        logits.append(self.class_embed(decoded))  # (B, Q, K+1)
+                    if not last or final_masks:
+                        mask_logits = self._mask_logits(embed, mask_features)
+                        masks.append(mask_logits)  # (B, Q, [T,] Hm, Wm)
+                if last:
+                    break
 
-            # Attention mask for the next layer, at the resolution of the level it reads.
-            lvl = i % self.num_feature_levels
-            if mask_logits is not None:
-                # Frames (if any) are resized as separate maps: (B, Q*T, Hm, Wm).
-                low = F.interpolate(
-                    mask_logits.flatten(1, -3), size=sizes[lvl], mode="bilinear", align_corners=False
-                ).view(mask_logits.shape[:-2] + sizes[lvl])  # (B, Q, [T,] H_l, W_l)
-            else:
-                if lvl not in level_mask_features:
-                    level_mask_features[lvl] = _resize_per_channel(mask_features, sizes[lvl])
-                low = self._mask_logits(embed, level_mask_features[lvl])
-            attn_mask = _attention_mask(low)
+                # Attention mask for the next layer, at the resolution of the level it reads.
+                lvl = i % self.num_feature_levels
+                if mask_logits is not None:
+                    # Frames (if any) are resized as separate maps: (B, Q*T, Hm, Wm).
+                    low = F.interpolate(
+                        mask_logits.flatten(1, -3), size=sizes[lvl], mode="bilinear", align_corners=False
+                    ).view(mask_logits.shape[:-2] + sizes[lvl])  # (B, Q, [T,] H_l, W_l)
+                else:
+                    if lvl not in level_mask_features:
+                        level_mask_features[lvl] = _resize_per_channel(mask_features, sizes[lvl])
+                    low = self._mask_logits(embed, level_mask_features[lvl])
+                attn_mask = _attention_mask(low)
 
         if not final_masks:
             out = {"pred_mask_embed": embed, "aux_outputs": []}
