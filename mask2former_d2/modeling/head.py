@@ -100,14 +100,8 @@ class MaskFormerHead(nn.Module):
         }
 
     def _load_from_state_dict(
-        self,
-        state_dict: Dict[str, Tensor],
-        prefix: str,
-        local_metadata: Dict[str, Any],
-        strict: bool,
-        missing_keys: List[str],
-        unexpected_keys: List[str],
-        error_msgs: List[str],
+        self, state_dict: Dict[str, Tensor], prefix: str, local_metadata: Dict[str, Any],
+        strict: bool, missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str],
     ) -> None:
         version = local_metadata.get("version", None)
         if version is None or version < 2:
