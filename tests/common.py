@@ -67,6 +67,18 @@ def naive_sine_pos(h: int, w: int, channels: int) -> torch.Tensor:
     return torch.cat([py, px], dim=-1).float()
 
 
+def reference_mha(attn, q, k, v, num_heads, attn_mask=None, key_padding_mask=None):
+    """Sequence-first (L, B, C) multi-head attention with torch's reference implementation,
+    using the projection weights of ``attn`` (``nn.MultiheadAttention``'s layout)."""
+    from torch.nn import functional as F
+
+    return F.multi_head_attention_forward(
+        q, k, v, attn.in_proj_weight.shape[1], num_heads, attn.in_proj_weight, attn.in_proj_bias,
+        None, None, False, 0.0, attn.out_proj.weight, attn.out_proj.bias, training=False,
+        key_padding_mask=key_padding_mask, need_weights=False, attn_mask=attn_mask,
+    )[0]
+
+
 def tiny_cfg(*opts, config_file: str = TINY_CONFIG):
     """The quick-start config shrunk further for unit tests (random init, CPU)."""
     return get_maskformer_cfg(

@@ -113,13 +113,8 @@ class MaskFormerHead(nn.Module):
             for k in old:
                 state_dict[prefix + "pixel_decoder." + k[len(prefix) :]] = state_dict.pop(k)
             if old:
-                logger.warning(
-                    "%s: moved %d version-1 keys under %spixel_decoder.; re-save the checkpoint "
-                    "to upgrade it",
-                    type(self).__name__,
-                    len(old),
-                    prefix,
-                )
+                msg = "%s: moved %d version-1 keys under %spixel_decoder.; re-save the checkpoint to upgrade it"
+                logger.warning(msg, type(self).__name__, len(old), prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -14,7 +14,7 @@ from mask2former_d2.modeling.pixel_decoder.fpn import (
     TransformerEncoderPixelDecoder,
 )
 from mask2former_d2.modeling.transformer_decoder.transformer import TransformerEncoderOnly
-from tests.common import naive_sine_pos, new_cfg
+from tests.common import naive_sine_pos, new_cfg, reference_mha
 
 _THREADS = torch.get_num_threads()
 
@@ -101,24 +101,7 @@ def _naive_encoder(encoder, src, pos, heads, pre_norm):
         return F.layer_norm(t, (c,), norm.weight, norm.bias)
 
     def attend(layer, t):
-        a = layer.self_attn
-        return F.multi_head_attention_forward(
-            t + p,
-            t + p,
-            t,
-            c,
-            heads,
-            a.in_proj_weight,
-            a.in_proj_bias,
-            None,
-            None,
-            False,
-            0.0,
-            a.out_proj.weight,
-            a.out_proj.bias,
-            training=False,
-            need_weights=False,
-        )[0]
+        return reference_mha(layer.self_attn, t + p, t + p, t, heads)
 
     def ffn(layer, t):
         return F.linear(

@@ -20,7 +20,7 @@ from mask2former_d2.modeling.transformer_decoder.mask2former import (
     _attention_mask,
 )
 from mask2former_d2.modeling.transformer_decoder.maskformer import StandardTransformerDecoder
-from tests.common import naive_sine_pos, new_cfg
+from tests.common import naive_sine_pos, new_cfg, reference_mha
 
 _THREADS = torch.get_num_threads()
 
@@ -64,27 +64,7 @@ def _naive_sine_pos(h: int, w: int, channels: int) -> Tensor:
     return naive_sine_pos(h, w, channels).reshape(h * w, 1, channels)
 
 
-def _mha(attn, q, k, v, num_heads, attn_mask=None, key_padding_mask=None):
-    """Sequence-first multi-head attention with torch's reference implementation."""
-    return F.multi_head_attention_forward(
-        q,
-        k,
-        v,
-        attn.in_proj_weight.shape[1],
-        num_heads,
-        attn.in_proj_weight,
-        attn.in_proj_bias,
-        None,
-        None,
-        False,
-        0.0,
-        attn.out_proj.weight,
-        attn.out_proj.bias,
-        training=False,
-        key_padding_mask=key_padding_mask,
-        need_weights=False,
-        attn_mask=attn_mask,
-    )[0]
+_mha = reference_mha
 
 
 def _ln(x, norm):

@@ -119,9 +119,6 @@ def register_all_coco(root: str) -> None:
             lambda n=name, i=image_root, s=sem_seg_root: load_sem_seg_checked(
                 n, i, s, COCO_STUFF_10K_LAYOUT
             ),
-            image_root=image_root,
-            sem_seg_root=sem_seg_root,
-            evaluator_type="sem_seg",
-            ignore_label=255,
+            image_root=image_root, sem_seg_root=sem_seg_root, evaluator_type="sem_seg", ignore_label=255,
             **stuff_meta,
         )

@@ -51,11 +51,10 @@ class StandardTransformerDecoder(QueryHeadsMixin, nn.Module):
             aux_outputs_in_eval: also compute the auxiliary predictions in eval mode.
         """
         super().__init__()
+        check_num_heads(hidden_dim, num_heads)
         if dec_layers < 1:
             raise ValueError(f"StandardTransformerDecoder needs dec_layers >= 1, got {dec_layers}")
-        check_num_heads(hidden_dim, num_heads)
-        self.num_queries = num_queries
-        self.deep_supervision = deep_supervision
+        self.num_queries, self.deep_supervision = num_queries, deep_supervision
         self.aux_outputs_in_eval = aux_outputs_in_eval
 
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)

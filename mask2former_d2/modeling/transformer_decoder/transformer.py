@@ -149,12 +149,7 @@ class TransformerEncoder(nn.Module):
         self.num_layers = len(layers)
         self.norm = norm
 
-    def forward(
-        self,
-        src: Tensor,
-        pos: Optional[Tensor] = None,
-        key_padding_mask: Optional[Tensor] = None,
-    ) -> Tensor:
+    def forward(self, src: Tensor, pos: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """src: (B, S, C); pos: (B or 1, S, C); key_padding_mask: (B, S). Returns (B, S, C)."""
         for layer in self.layers:
             src = layer(src, pos=pos, key_padding_mask=key_padding_mask)
