@@ -19,7 +19,7 @@ class TestQuickstart(unittest.TestCase):
         with tempfile.TemporaryDirectory() as out:
             proc = subprocess.run(
                 [sys.executable, os.path.join(ROOT, "tools", "quickstart.py"), "--output", out,
-                 "--iters", "40", "SOLVER.IMS_PER_BATCH", "2"],
+                 "--iters", "40", "--threads", "1", "SOLVER.IMS_PER_BATCH", "2"],
                 cwd=ROOT, capture_output=True, text=True, timeout=900,
             )
             self.assertEqual(proc.returncode, 0, (proc.stdout + proc.stderr)[-4000:])
