@@ -26,7 +26,7 @@ from mask2former_d2.data.datasets.ade20k import (
     ADE20K_INSTANCE_CLASSES,
     ADE20K_THING_IDS,
 )
-from mask2former_d2.data.datasets.prepare_utils import bbox_xywh, run_script, save_json_atomic, script_parser
+from mask2former_d2.data.datasets.prepare_utils import bbox_xywh, run_per_split, run_script, save_json_atomic
 
 logger = logging.getLogger("prepare_ade20k_ins_seg")
 
@@ -105,9 +105,7 @@ def convert_split(base: str, split: str, overwrite: bool = False) -> Optional[st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Optional[str]]:
-    args = script_parser(__doc__, "ADEChallengeData2016", list(SPLITS)).parse_args(argv)
-    base = os.path.join(args.root, "ADEChallengeData2016")
-    return [convert_split(base, split, args.overwrite) for split in args.splits]
+    return run_per_split(__doc__, "ADEChallengeData2016", SPLITS, convert_split, argv)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ from mask2former_d2.data.datasets.prepare_utils import (
     bbox_xywh,
     id2rgb,
     rgb2id,
+    run_per_split,
     run_script,
     save_image_atomic,
     save_json_atomic,
-    script_parser,
 )
 
 logger = logging.getLogger("prepare_ade20k_pan_seg")
@@ -156,9 +156,7 @@ def convert_split(base: str, split: str, overwrite: bool = False) -> Optional[st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Optional[str]]:
-    args = script_parser(__doc__, "ADEChallengeData2016", list(SPLITS)).parse_args(argv)
-    base = os.path.join(args.root, "ADEChallengeData2016")
-    return [convert_split(base, split, args.overwrite) for split in args.splits]
+    return run_per_split(__doc__, "ADEChallengeData2016", SPLITS, convert_split, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ images and annotations, video clips), ``$M2F_DATA`` or ``../shared/data`` beside
 ``../shared``. Tests that need them skip when they are absent.
 """
 import importlib.util
+import math
 import os
 from types import ModuleType
 from typing import List, Sequence, Tuple
@@ -29,6 +30,53 @@ def load_script(relpath: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def new_cfg(**sections):
+    """Detectron2's defaults plus the DeepLab and Mask2Former keys, with
+    ``sections={"MASK_FORMER": {...}, "SEM_SEG_HEAD": {...}}`` set under ``MODEL``."""
+    from detectron2.config import get_cfg
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    from mask2former_d2.config import add_maskformer2_config
+
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(cfg.MODEL[section], key, value)
+    return cfg
+
+
+def naive_sine_pos(h: int, w: int, channels: int) -> torch.Tensor:
+    """DETR's normalised sine position encoding (H, W, C) written from its formula: channel
+    i < C/2 encodes y, the rest x; even i use sin, odd i cos, of pos / 10000^(2*floor(i/2)/(C/2)),
+    with pos = k / (n + 1e-6) * 2pi for k = 1..n."""
+    f = channels // 2
+    i = torch.arange(f, dtype=torch.float64)
+    dim_t = 10000.0 ** (2 * torch.div(i, 2, rounding_mode="floor") / f)
+
+    def encode(n: int) -> torch.Tensor:
+        p = torch.arange(1, n + 1, dtype=torch.float64) / (n + 1e-6) * 2 * math.pi
+        a = p[:, None] / dim_t
+        return torch.where(i.long() % 2 == 0, a.sin(), a.cos())  # (n, C/2)
+
+    py = encode(h)[:, None, :].expand(h, w, f)
+    px = encode(w)[None, :, :].expand(h, w, f)
+    return torch.cat([py, px], dim=-1).float()
+
+
+def reference_mha(attn, q, k, v, num_heads, attn_mask=None, key_padding_mask=None):
+    """Sequence-first (L, B, C) multi-head attention with torch's reference implementation,
+    using the projection weights of ``attn`` (``nn.MultiheadAttention``'s layout)."""
+    from torch.nn import functional as F
+
+    return F.multi_head_attention_forward(
+        q, k, v, attn.in_proj_weight.shape[1], num_heads, attn.in_proj_weight, attn.in_proj_bias,
+        None, None, False, 0.0, attn.out_proj.weight, attn.out_proj.bias, training=False,
+        key_padding_mask=key_padding_mask, need_weights=False, attn_mask=attn_mask,
+    )[0]
 
 
 def tiny_cfg(*opts, config_file: str = TINY_CONFIG):

@@ -19,6 +19,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from .datasets.utils import panoptic_metadata
+
 __all__ = ["TOY_CATEGORIES", "make_toy_panoptic_dataset", "register_toy_panoptic", "toy_metadata"]
 
 # COCO-style categories: things first, then stuff (contiguous ids follow this order).
@@ -34,17 +36,13 @@ TOY_CATEGORIES: List[Dict] = [
 def toy_metadata() -> Dict:
     """Metadata in Detectron2's panoptic convention (contiguous ids over all classes)."""
     things = [c for c in TOY_CATEGORIES if c["isthing"]]
-    return {
-        "thing_classes": [c["name"] for c in things],
-        "thing_colors": [c["color"] for c in things],
-        "stuff_classes": [c["name"] for c in TOY_CATEGORIES],
-        "stuff_colors": [c["color"] for c in TOY_CATEGORIES],
-        "thing_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(TOY_CATEGORIES) if c["isthing"]
-        },
+    return panoptic_metadata(
+        things,
+        TOY_CATEGORIES,
+        {c["id"]: i for i, c in enumerate(TOY_CATEGORIES) if c["isthing"]},
         # Every class, things included: the semantic evaluator scores them all.
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(TOY_CATEGORIES)},
-    }
+        {c["id"]: i for i, c in enumerate(TOY_CATEGORIES)},
+    )
 
 
 def _shape_mask(kind: str, h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:

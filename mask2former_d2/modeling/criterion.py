@@ -37,6 +37,10 @@ from torch import Tensor, nn
 
 from .matcher import HungarianMatcher, batch_mask_size, pad_masks
 
+# Per image: the targets' tensors, and the matched (query indices, target indices).
+Targets = List[Dict[str, Tensor]]
+Indices = List[Tuple[Tensor, Tensor]]
+
 __all__ = [
     "SetCriterion",
     "build_criterion",
@@ -268,11 +272,7 @@ class SetCriterion(nn.Module):
 
     # ------------------------------------------------------------------- losses
     def loss_labels(
-        self,
-        outputs: Dict[str, Tensor],
-        targets: List[Dict[str, Tensor]],
-        indices: List[Tuple[Tensor, Tensor]],
-        num_masks: float,
+        self, outputs: Dict[str, Tensor], targets: Targets, indices: Indices, num_masks: float
     ) -> Dict[str, Tensor]:
         """``loss_ce``: weighted cross entropy of all queries; unmatched ones are no-object."""
         logits = outputs["pred_logits"].float()  # (B, Q, K+1)
@@ -290,11 +290,7 @@ class SetCriterion(nn.Module):
         return {"loss_ce": loss}
 
     def loss_masks(
-        self,
-        outputs: Dict[str, Tensor],
-        targets: List[Dict[str, Tensor]],
-        indices: List[Tuple[Tensor, Tensor]],
-        num_masks: float,
+        self, outputs: Dict[str, Tensor], targets: Targets, indices: Indices, num_masks: float
     ) -> Dict[str, Tensor]:
         """``loss_mask`` and ``loss_dice`` of the matched pairs (see ``mask_loss_type``)."""
         pred_masks = outputs["pred_masks"]  # (B, Q, [F,] H, W)

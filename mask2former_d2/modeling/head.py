@@ -100,14 +100,8 @@ class MaskFormerHead(nn.Module):
         }
 
     def _load_from_state_dict(
-        self,
-        state_dict: Dict[str, Tensor],
-        prefix: str,
-        local_metadata: Dict[str, Any],
-        strict: bool,
-        missing_keys: List[str],
-        unexpected_keys: List[str],
-        error_msgs: List[str],
+        self, state_dict: Dict[str, Tensor], prefix: str, local_metadata: Dict[str, Any],
+        strict: bool, missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str],
     ) -> None:
         version = local_metadata.get("version", None)
         if version is None or version < 2:
@@ -119,13 +113,8 @@ class MaskFormerHead(nn.Module):
             for k in old:
                 state_dict[prefix + "pixel_decoder." + k[len(prefix) :]] = state_dict.pop(k)
             if old:
-                logger.warning(
-                    "%s: moved %d version-1 keys under %spixel_decoder.; re-save the checkpoint "
-                    "to upgrade it",
-                    type(self).__name__,
-                    len(old),
-                    prefix,
-                )
+                msg = "%s: moved %d version-1 keys under %spixel_decoder.; re-save the checkpoint to upgrade it"
+                logger.warning(msg, type(self).__name__, len(old), prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -142,13 +142,8 @@ class HungarianMatcher(nn.Module):
     """
 
     def __init__(
-        self,
-        cost_class: float = 1.0,
-        cost_mask: float = 1.0,
-        cost_dice: float = 1.0,
-        num_points: int = 12544,
-        *,
-        mask_cost: str = "bce",
+        self, cost_class: float = 1.0, cost_mask: float = 1.0, cost_dice: float = 1.0,
+        num_points: int = 12544, *, mask_cost: str = "bce",
     ) -> None:
         """
         Args:

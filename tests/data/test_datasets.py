@@ -87,35 +87,28 @@ def registered_under(
             MetadataCatalog[n] = meta
 
 
-# name -> (#stuff_classes, #thing_classes, evaluator_type, ignore_label)
-EXPECTED = {
-    "coco_2017_train_panoptic_with_sem_seg": (133, 80, "coco_panoptic_seg", 255),
-    "coco_2017_val_panoptic_with_sem_seg": (133, 80, "coco_panoptic_seg", 255),
-    "coco_2017_train_stuff_10k_sem_seg": (171, 0, "sem_seg", 255),
-    "coco_2017_test_stuff_10k_sem_seg": (171, 0, "sem_seg", 255),
-    "ade20k_sem_seg_train": (150, 0, "sem_seg", 255),
-    "ade20k_sem_seg_val": (150, 0, "sem_seg", 255),
-    "ade20k_panoptic_train": (150, 100, "ade20k_panoptic_seg", 255),
-    "ade20k_panoptic_val": (150, 100, "ade20k_panoptic_seg", 255),
-    "ade20k_instance_train": (0, 100, "coco", None),
-    "ade20k_instance_val": (0, 100, "coco", None),
-    "ade20k_full_sem_seg_train": (847, 0, "sem_seg", 65535),
-    "ade20k_full_sem_seg_val": (847, 0, "sem_seg", 65535),
-    "mapillary_vistas_sem_seg_train": (65, 0, "sem_seg", 65),
-    "mapillary_vistas_sem_seg_val": (65, 0, "sem_seg", 65),
-    "mapillary_vistas_panoptic_train": (65, 65, "mapillary_vistas_panoptic_seg", 65),
-    "mapillary_vistas_panoptic_val": (65, 65, "mapillary_vistas_panoptic_seg", 65),
+# name with "{}" for the split -> (#stuff_classes, #thing_classes, evaluator_type, ignore_label),
+# for the splits train and val unless named.
+_EXPECTED_BY_SPLIT = [
+    ("coco_2017_{}_panoptic_with_sem_seg", (133, 80, "coco_panoptic_seg", 255)),
+    ("coco_2017_{}_stuff_10k_sem_seg", (171, 0, "sem_seg", 255), ("train", "test")),
+    ("ade20k_sem_seg_{}", (150, 0, "sem_seg", 255)),
+    ("ade20k_panoptic_{}", (150, 100, "ade20k_panoptic_seg", 255)),
+    ("ade20k_instance_{}", (0, 100, "coco", None)),
+    ("ade20k_full_sem_seg_{}", (847, 0, "sem_seg", 65535)),
+    ("mapillary_vistas_sem_seg_{}", (65, 0, "sem_seg", 65)),
+    ("mapillary_vistas_panoptic_{}", (65, 65, "mapillary_vistas_panoptic_seg", 65)),
     # Detectron2 built-ins used by the published configs.
-    "coco_2017_train_panoptic": (133, 80, "coco_panoptic_seg", 255),
-    "coco_2017_val_panoptic": (133, 80, "coco_panoptic_seg", 255),
-    "coco_2017_train": (0, 80, "coco", None),
-    "coco_2017_val": (0, 80, "coco", None),
-    "cityscapes_fine_sem_seg_train": (19, 8, "cityscapes_sem_seg", 255),
-    "cityscapes_fine_sem_seg_val": (19, 8, "cityscapes_sem_seg", 255),
-    "cityscapes_fine_instance_seg_train": (19, 8, "cityscapes_instance", None),
-    "cityscapes_fine_instance_seg_val": (19, 8, "cityscapes_instance", None),
-    "cityscapes_fine_panoptic_train": (19, 19, "cityscapes_panoptic_seg", 255),
-    "cityscapes_fine_panoptic_val": (19, 19, "cityscapes_panoptic_seg", 255),
+    ("coco_2017_{}_panoptic", (133, 80, "coco_panoptic_seg", 255)),
+    ("coco_2017_{}", (0, 80, "coco", None)),
+    ("cityscapes_fine_sem_seg_{}", (19, 8, "cityscapes_sem_seg", 255)),
+    ("cityscapes_fine_instance_seg_{}", (19, 8, "cityscapes_instance", None)),
+    ("cityscapes_fine_panoptic_{}", (19, 19, "cityscapes_panoptic_seg", 255)),
+]
+EXPECTED = {
+    row[0].format(split): row[1]
+    for row in _EXPECTED_BY_SPLIT
+    for split in (row[2] if len(row) > 2 else ("train", "val"))
 }
 # name -> the metadata keys that must name paths under the datasets root.
 _PANOPTIC_PATHS = ("image_root", "panoptic_root", "panoptic_json", "sem_seg_root")

@@ -44,6 +44,8 @@ COCO_ROOT = os.path.join(DATA, "coco")
 ADE_ROOT = os.path.join(DATA, "ADEChallengeData2016")
 CITYSCAPES_ROOT = os.path.join(DATA, "cityscapes")
 MAPILLARY_ROOT = os.path.join(DATA, "mapillary_vistas")
+# LSJ without rescaling or flipping: the output is the image padded to 640 x 640.
+LSJ_UNIT_SCALE = dict(IMAGE_SIZE=640, MIN_SCALE=1.0, MAX_SCALE=1.0, RANDOM_FLIP="none")
 
 
 def _skip_unless_exists(path: str):
@@ -369,14 +371,7 @@ class TestPanopticCOCO(unittest.TestCase):
         _assert_valid_instances(self, out, boxes=False)
 
     def test_lsj_at_unit_scale_pads_to_square(self):
-        cfg = _cfg(
-            DATASET_MAPPER_NAME="coco_panoptic_lsj",
-            IMAGE_SIZE=640,
-            MIN_SCALE=1.0,
-            MAX_SCALE=1.0,
-            RANDOM_FLIP="none",
-            FORMAT="RGB",
-        )
+        cfg = _cfg(DATASET_MAPPER_NAME="coco_panoptic_lsj", FORMAT="RGB", **LSJ_UNIT_SCALE)
         mapper = build_dataset_mapper(cfg)
         mapper.class_ids = frozenset(range(133))
         for i, d in enumerate(self.dicts):
@@ -522,13 +517,7 @@ class TestInstanceCOCO(unittest.TestCase):
         self.assertTrue(bool((out["image"][:, 360:] == 128).all()))
 
     def test_lsj_at_unit_scale(self):
-        cfg = _cfg(
-            DATASET_MAPPER_NAME="coco_instance_lsj",
-            IMAGE_SIZE=640,
-            MIN_SCALE=1.0,
-            MAX_SCALE=1.0,
-            RANDOM_FLIP="none",
-        )
+        cfg = _cfg(DATASET_MAPPER_NAME="coco_instance_lsj", **LSJ_UNIT_SCALE)
         cfg.DATASETS.TRAIN = (self.rle_name,)
         mapper = build_dataset_mapper(cfg)
         self.assertEqual(mapper.class_ids, frozenset(range(80)))  # from the metadata id map

@@ -5,18 +5,16 @@ import math
 import unittest
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.projects.deeplab import add_deeplab_config
 from torch.nn import functional as F
 
-from mask2former_d2.config import add_maskformer2_config
 from mask2former_d2.modeling.pixel_decoder.build import build_pixel_decoder
 from mask2former_d2.modeling.pixel_decoder.fpn import (
     BasePixelDecoder,
     TransformerEncoderPixelDecoder,
 )
 from mask2former_d2.modeling.transformer_decoder.transformer import TransformerEncoderOnly
+from tests.common import naive_sine_pos, new_cfg, reference_mha
 
 _THREADS = torch.get_num_threads()
 
@@ -89,19 +87,8 @@ def _naive_fpn(dec, feats, top):
 
 
 def _naive_sine_pos(h, w, channels):
-    """Normalised sine position encoding (1, C, H, W) written from its formula."""
-    f = channels // 2
-    i = torch.arange(f, dtype=torch.float64)
-    dim_t = 10000.0 ** (2 * torch.div(i, 2, rounding_mode="floor") / f)
-
-    def encode(n):
-        p = torch.arange(1, n + 1, dtype=torch.float64) / (n + 1e-6) * 2 * math.pi
-        a = p[:, None] / dim_t
-        return torch.where(i.long() % 2 == 0, a.sin(), a.cos())
-
-    py = encode(h)[:, None, :].expand(h, w, f)
-    px = encode(w)[None, :, :].expand(h, w, f)
-    return torch.cat([py, px], -1).permute(2, 0, 1)[None].float()
+    """Normalised sine position encoding (1, C, H, W)."""
+    return naive_sine_pos(h, w, channels).permute(2, 0, 1)[None]
 
 
 def _naive_encoder(encoder, src, pos, heads, pre_norm):
@@ -114,24 +101,7 @@ def _naive_encoder(encoder, src, pos, heads, pre_norm):
         return F.layer_norm(t, (c,), norm.weight, norm.bias)
 
     def attend(layer, t):
-        a = layer.self_attn
-        return F.multi_head_attention_forward(
-            t + p,
-            t + p,
-            t,
-            c,
-            heads,
-            a.in_proj_weight,
-            a.in_proj_bias,
-            None,
-            None,
-            False,
-            0.0,
-            a.out_proj.weight,
-            a.out_proj.bias,
-            training=False,
-            need_weights=False,
-        )[0]
+        return reference_mha(layer.self_attn, t + p, t + p, t, heads)
 
     def ffn(layer, t):
         return F.linear(
@@ -198,9 +168,7 @@ class TestBasePixelDecoder(unittest.TestCase):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
     def test_from_config_selects_in_features(self):
-        cfg = get_cfg()
-        add_deeplab_config(cfg)
-        add_maskformer2_config(cfg)
+        cfg = new_cfg()
         head = cfg.MODEL.SEM_SEG_HEAD
         head.PIXEL_DECODER_NAME = "BasePixelDecoder"
         head.IN_FEATURES = ["res3", "res4", "res5"]
@@ -265,9 +233,7 @@ class TestTransformerEncoderPixelDecoder(unittest.TestCase):
                     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
     def test_from_config(self):
-        cfg = get_cfg()
-        add_deeplab_config(cfg)
-        add_maskformer2_config(cfg)
+        cfg = new_cfg()
         head = cfg.MODEL.SEM_SEG_HEAD
         head.PIXEL_DECODER_NAME = "TransformerEncoderPixelDecoder"
         head.IN_FEATURES = ["res2", "res3", "res4", "res5"]

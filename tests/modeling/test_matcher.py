@@ -279,8 +279,21 @@ class TestHungarianMatcher(unittest.TestCase):
                 {"pred_logits": torch.randn(2, 3, 3), "pred_masks": torch.randn(2, 3, 4, 4)}, []
             )
 
-    def test_has_no_state(self):
-        self.assertEqual(len(HungarianMatcher().state_dict()), 0)
+    def test_images_are_matched_independently(self):
+        """Matching a batch gives, for each image, the matching of that image alone."""
+        perms = ([4, 0, 5, 2], [1, 3])
+        singles = [self._permuted_outputs(perm) for perm in perms]
+        outputs = {
+            k: torch.cat([out[k] for out, _ in singles]) for k in ("pred_logits", "pred_masks")
+        }
+        targets = [tgt[0] for _, tgt in singles]
+        matcher = HungarianMatcher(1.0, 20.0, 1.0, num_points=0)
+        batched = matcher(outputs, targets)
+        self.assertEqual(len(batched), 2)
+        for (pred_idx, tgt_idx), (out, tgt), perm in zip(batched, singles, perms):
+            ((alone_pred, alone_tgt),) = matcher(out, tgt)
+            self.assertTrue(torch.equal(pred_idx, alone_pred) and torch.equal(tgt_idx, alone_tgt))
+            self.assertEqual({int(t): int(q) for q, t in zip(pred_idx, tgt_idx)}, dict(enumerate(perm)))
 
 
 if __name__ == "__main__":

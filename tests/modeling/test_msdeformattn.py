@@ -212,11 +212,10 @@ class TestMSDeformAttnPixelDecoder(unittest.TestCase):
 
     def test_two_fpn_levels_and_explicit_kwargs(self):
         # Built without a config; the encoder reads only res4 and res5.
+        encoder = dict(transformer_dropout=0.0, transformer_nheads=4, transformer_dim_feedforward=64)
         decoder = MSDeformAttnPixelDecoder(
             input_shape(),
-            transformer_dropout=0.0,
-            transformer_nheads=4,
-            transformer_dim_feedforward=64,
+            **encoder,
             transformer_enc_layers=1,
             conv_dim=32,
             mask_dim=16,

@@ -6,17 +6,13 @@ Naive references here are written independently of the package: sequence-first t
 encoding spelled out from its formula.
 """
 
-import math
 import unittest
 from typing import List, Tuple
 
 import torch
-from detectron2.config import get_cfg
-from detectron2.projects.deeplab import add_deeplab_config
 from torch import Tensor
 from torch.nn import functional as F
 
-from mask2former_d2.config import add_maskformer2_config
 from mask2former_d2.modeling.transformer_decoder import build_transformer_decoder
 from mask2former_d2.modeling.transformer_decoder.layers import MultiHeadAttention
 from mask2former_d2.modeling.transformer_decoder.mask2former import (
@@ -24,6 +20,7 @@ from mask2former_d2.modeling.transformer_decoder.mask2former import (
     _attention_mask,
 )
 from mask2former_d2.modeling.transformer_decoder.maskformer import StandardTransformerDecoder
+from tests.common import naive_sine_pos, new_cfg, reference_mha
 
 _THREADS = torch.get_num_threads()
 
@@ -43,26 +40,12 @@ MASK_SIZE = (50, 63)
 
 
 def _cfg(**mask_former):
-    cfg = get_cfg()
-    add_deeplab_config(cfg)
-    add_maskformer2_config(cfg)
-    for key, value in mask_former.items():
-        setattr(cfg.MODEL.MASK_FORMER, key, value)
-    return cfg
+    return new_cfg(MASK_FORMER=mask_former)
 
 
 def _mask2former(**kwargs) -> MultiScaleMaskedTransformerDecoder:
-    args = dict(
-        num_classes=5,
-        hidden_dim=32,
-        num_queries=6,
-        num_heads=4,
-        dim_feedforward=48,
-        num_layers=3,
-        pre_norm=False,
-        mask_dim=24,
-        enforce_input_project=False,
-    )
+    args = dict(num_classes=5, hidden_dim=32, num_queries=6, num_heads=4, dim_feedforward=48)
+    args.update(num_layers=3, pre_norm=False, mask_dim=24, enforce_input_project=False)
     args.update(kwargs)
     in_channels = args.pop("in_channels", 32)
     return MultiScaleMaskedTransformerDecoder(
@@ -77,44 +60,11 @@ def _inputs(batch=2, channels=32, mask_dim=24, seed=0) -> Tuple[List[Tensor], Te
 
 
 def _naive_sine_pos(h: int, w: int, channels: int) -> Tensor:
-    """Normalised sine position encoding, (H*W, 1, C) sequence-first, from the formula:
-    channel i < C/2 encodes y, the rest x; even i use sin, odd i cos, of
-    pos / 10000^(2*floor(i/2)/(C/2)), with pos = k / (n + 1e-6) * 2pi for k = 1..n."""
-    f = channels // 2
-    i = torch.arange(f, dtype=torch.float64)
-    dim_t = 10000.0 ** (2 * torch.div(i, 2, rounding_mode="floor") / f)
-
-    def encode(n):
-        p = torch.arange(1, n + 1, dtype=torch.float64) / (n + 1e-6) * 2 * math.pi
-        a = p[:, None] / dim_t
-        return torch.where(i.long() % 2 == 0, a.sin(), a.cos())  # (n, F)
-
-    py = encode(h)[:, None, :].expand(h, w, f)
-    px = encode(w)[None, :, :].expand(h, w, f)
-    return torch.cat([py, px], dim=-1).reshape(h * w, 1, channels).float()
+    """Normalised sine position encoding, (H*W, 1, C) sequence-first."""
+    return naive_sine_pos(h, w, channels).reshape(h * w, 1, channels)
 
 
-def _mha(attn, q, k, v, num_heads, attn_mask=None, key_padding_mask=None):
-    """Sequence-first multi-head attention with torch's reference implementation."""
-    return F.multi_head_attention_forward(
-        q,
-        k,
-        v,
-        attn.in_proj_weight.shape[1],
-        num_heads,
-        attn.in_proj_weight,
-        attn.in_proj_bias,
-        None,
-        None,
-        False,
-        0.0,
-        attn.out_proj.weight,
-        attn.out_proj.bias,
-        training=False,
-        key_padding_mask=key_padding_mask,
-        need_weights=False,
-        attn_mask=attn_mask,
-    )[0]
+_mha = reference_mha
 
 
 def _ln(x, norm):
@@ -433,20 +383,9 @@ class TestMultiScaleMaskedTransformerDecoder(unittest.TestCase):
 
 
 def _maskformer(**kwargs) -> StandardTransformerDecoder:
-    args = dict(
-        num_classes=5,
-        hidden_dim=32,
-        num_queries=6,
-        num_heads=4,
-        dropout=0.0,
-        dim_feedforward=48,
-        enc_layers=1,
-        dec_layers=2,
-        pre_norm=False,
-        deep_supervision=True,
-        mask_dim=24,
-        enforce_input_project=False,
-    )
+    args = dict(num_classes=5, hidden_dim=32, num_queries=6, num_heads=4, dim_feedforward=48)
+    args.update(dropout=0.0, enc_layers=1, dec_layers=2, pre_norm=False, deep_supervision=True)
+    args.update(mask_dim=24, enforce_input_project=False)
     args.update(kwargs)
     in_channels = args.pop("in_channels", 32)
     return StandardTransformerDecoder(in_channels, args.pop("mask_classification", True), **args)
@@ -513,15 +452,9 @@ class TestStandardTransformerDecoder(unittest.TestCase):
             self.assertEqual(set(dec.state_dict()), expected)
 
     def test_from_config(self):
-        cfg = _cfg(
-            HIDDEN_DIM=32,
-            NHEADS=4,
-            NUM_OBJECT_QUERIES=5,
-            DIM_FEEDFORWARD=16,
-            ENC_LAYERS=0,
-            DEC_LAYERS=3,
-            TRANSFORMER_DECODER_NAME="StandardTransformerDecoder",
-        )
+        cfg = _cfg(HIDDEN_DIM=32, NHEADS=4, NUM_OBJECT_QUERIES=5, DIM_FEEDFORWARD=16)
+        cfg.MODEL.MASK_FORMER.update(ENC_LAYERS=0, DEC_LAYERS=3)
+        cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "StandardTransformerDecoder"
         cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 8
         dec = build_transformer_decoder(cfg, 64, mask_classification=True)
         self.assertIsInstance(dec, StandardTransformerDecoder)

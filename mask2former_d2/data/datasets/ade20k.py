@@ -18,7 +18,7 @@ from typing import Any, Dict, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .utils import load_coco_instances_checked, register_lazy, register_panoptic
+from .utils import load_coco_instances_checked, panoptic_metadata, register_lazy, register_panoptic
 
 __all__ = [
     "ADE20K_150_CATEGORIES",
@@ -236,15 +236,13 @@ def ade20k_semantic_metadata() -> Dict[str, Any]:
 def ade20k_panoptic_metadata() -> Dict[str, Any]:
     """Class names, colours and id maps of ``ade20k_panoptic_*`` (150 classes, 100 things)."""
     things = [c for c in ADE20K_150_CATEGORIES if c["isthing"]]
-    return {
-        "thing_classes": [c["name"] for c in things],
-        "thing_colors": [c["color"] for c in things],
-        "stuff_classes": [c["name"] for c in ADE20K_150_CATEGORIES],
-        "stuff_colors": [c["color"] for c in ADE20K_150_CATEGORIES],
-        "thing_dataset_id_to_contiguous_id": {c["id"]: c["id"] for c in things},
+    return panoptic_metadata(
+        things,
+        ADE20K_150_CATEGORIES,
+        {c["id"]: c["id"] for c in things},
         # Things too: semantic evaluation scores all 150 classes.
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: c["id"] for c in ADE20K_150_CATEGORIES},
-    }
+        {c["id"]: c["id"] for c in ADE20K_150_CATEGORIES},
+    )
 
 
 def ade20k_instance_metadata() -> Dict[str, Any]:

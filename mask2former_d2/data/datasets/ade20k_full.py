@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any, Dict, Tuple
 
-from .utils import load_sem_seg_checked, register_lazy
+from .utils import load_sem_seg_checked, register_lazy, semantic_metadata
 
 __all__ = ["ADE20K_FULL_CATEGORIES", "ade20k_full_metadata", "register_all_ade20k_full"]
 
@@ -42,12 +42,7 @@ ADE20K_FULL_CATEGORIES: Tuple[Tuple[int, str], ...] = _load_categories()
 
 def ade20k_full_metadata() -> Dict[str, Any]:
     """Class names and id map of ADE20K-full (no colours are defined for its 847 classes)."""
-    return {
-        "stuff_classes": [name for _, name in ADE20K_FULL_CATEGORIES],
-        "stuff_dataset_id_to_contiguous_id": {
-            ade_id: i for i, (ade_id, _) in enumerate(ADE20K_FULL_CATEGORIES)
-        },
-    }
+    return semantic_metadata(ADE20K_FULL_CATEGORIES)
 
 
 def register_all_ade20k_full(root: str) -> None:

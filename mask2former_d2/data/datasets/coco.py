@@ -17,7 +17,7 @@ from typing import Any, Dict
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .utils import load_sem_seg_checked, register_lazy, register_panoptic
+from .utils import load_sem_seg_checked, panoptic_metadata, register_lazy, register_panoptic, semantic_metadata
 
 __all__ = [
     "COCO_STUFF_10K_CLASSES",
@@ -64,27 +64,18 @@ COCO_STUFF_10K_CLASSES = tuple((c["id"], c["name"]) for c in _COCO_THINGS) + tup
 
 def coco_panoptic_with_sem_seg_metadata() -> Dict[str, Any]:
     """Class names, colours and id maps of the 133-class COCO panoptic ``_with_sem_seg`` sets."""
-    return {
-        "thing_classes": [c["name"] for c in _COCO_THINGS],
-        "thing_colors": [c["color"] for c in _COCO_THINGS],
-        "stuff_classes": [c["name"] for c in COCO_CATEGORIES],
-        "stuff_colors": [c["color"] for c in COCO_CATEGORIES],
-        "thing_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(COCO_CATEGORIES) if c["isthing"] == 1
-        },
+    return panoptic_metadata(
+        _COCO_THINGS,
+        COCO_CATEGORIES,
+        {c["id"]: i for i, c in enumerate(COCO_CATEGORIES) if c["isthing"] == 1},
         # Things too: semantic evaluation scores all 133 classes.
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(COCO_CATEGORIES)},
-    }
+        {c["id"]: i for i, c in enumerate(COCO_CATEGORIES)},
+    )
 
 
 def coco_stuff_10k_metadata() -> Dict[str, Any]:
     """Class names and id map of COCO-Stuff-10k (171 classes; stuff classes have no colour)."""
-    return {
-        "stuff_classes": [name for _, name in COCO_STUFF_10K_CLASSES],
-        "stuff_dataset_id_to_contiguous_id": {
-            dataset_id: i for i, (dataset_id, _) in enumerate(COCO_STUFF_10K_CLASSES)
-        },
-    }
+    return semantic_metadata(COCO_STUFF_10K_CLASSES)
 
 
 def _narrow_panoptic_thing_classes(name: str) -> None:
@@ -128,9 +119,6 @@ def register_all_coco(root: str) -> None:
             lambda n=name, i=image_root, s=sem_seg_root: load_sem_seg_checked(
                 n, i, s, COCO_STUFF_10K_LAYOUT
             ),
-            image_root=image_root,
-            sem_seg_root=sem_seg_root,
-            evaluator_type="sem_seg",
-            ignore_label=255,
+            image_root=image_root, sem_seg_root=sem_seg_root, evaluator_type="sem_seg", ignore_label=255,
             **stuff_meta,
         )

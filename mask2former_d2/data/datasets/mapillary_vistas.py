@@ -12,7 +12,7 @@ under ``thing_classes`` too, because their contiguous thing ids are spread over 
 import os
 from typing import Any, Dict, Tuple
 
-from .utils import load_sem_seg_checked, register_lazy, register_panoptic
+from .utils import load_sem_seg_checked, panoptic_metadata, register_lazy, register_panoptic
 
 __all__ = [
     "MAPILLARY_VISTAS_CATEGORIES",
@@ -120,16 +120,12 @@ def mapillary_vistas_semantic_metadata() -> Dict[str, Any]:
 def mapillary_vistas_panoptic_metadata() -> Dict[str, Any]:
     """Class names, colours and id maps of ``mapillary_vistas_panoptic_*``."""
     cats = MAPILLARY_VISTAS_CATEGORIES
-    return {
-        "thing_classes": [c["name"] for c in cats],
-        "thing_colors": [c["color"] for c in cats],
-        "stuff_classes": [c["name"] for c in cats],
-        "stuff_colors": [c["color"] for c in cats],
-        "thing_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(cats) if c["isthing"]
-        },
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats)},
-    }
+    return panoptic_metadata(
+        cats,
+        cats,
+        {c["id"]: i for i, c in enumerate(cats) if c["isthing"]},
+        {c["id"]: i for i, c in enumerate(cats)},
+    )
 
 
 def register_all_mapillary_vistas(root: str) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "id2rgb",
     "bbox_xywh",
     "convert_splits",
+    "run_per_split",
     "run_script",
     "save_image_atomic",
     "save_json_atomic",
@@ -131,6 +132,17 @@ def convert_splits(
         logger.info("%s: wrote %d, kept %d existing", split, written, skipped)
         results.append((written, skipped))
     return results
+
+
+def run_per_split(
+    doc: str, dataset_dir: str, splits: Sequence[str], convert_split: Callable[[str, str, bool], Any],
+    argv: Optional[Sequence[str]] = None,
+) -> List[Any]:
+    """Command line of a script that converts each split on its own: parses ``argv`` with
+    :func:`script_parser` and returns ``[convert_split(<root>/<dataset_dir>, split, overwrite)]``."""
+    args = script_parser(doc, dataset_dir, list(splits)).parse_args(argv)
+    base = os.path.join(args.root, dataset_dir)
+    return [convert_split(base, split, args.overwrite) for split in args.splits]
 
 
 def run_script(main: Callable[[], Any]) -> None:

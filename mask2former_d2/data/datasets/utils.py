@@ -8,7 +8,7 @@ Nothing here touches the disk at import time; files are only read when a registe
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_sem_seg
@@ -49,6 +49,33 @@ def require_path(path: str, what: str, dataset: str, layout: str, *, is_dir: boo
             f"{dataset}: {what} not found: {path!r}. Expected layout under "
             f"$DETECTRON2_DATASETS: {layout} (see {README})."
         )
+
+
+def panoptic_metadata(
+    things: Sequence[Mapping[str, Any]],
+    stuff: Sequence[Mapping[str, Any]],
+    thing_ids: Mapping[int, int],
+    stuff_ids: Mapping[int, int],
+) -> Dict[str, Any]:
+    """Detectron2's panoptic metadata: names and colours of the ``things`` and ``stuff``
+    categories (dicts with ``name`` and ``color``) and the two dataset id -> contiguous id maps."""
+    return {
+        "thing_classes": [c["name"] for c in things],
+        "thing_colors": [c["color"] for c in things],
+        "stuff_classes": [c["name"] for c in stuff],
+        "stuff_colors": [c["color"] for c in stuff],
+        "thing_dataset_id_to_contiguous_id": dict(thing_ids),
+        "stuff_dataset_id_to_contiguous_id": dict(stuff_ids),
+    }
+
+
+def semantic_metadata(classes: Sequence[Tuple[int, str]]) -> Dict[str, Any]:
+    """Metadata of a semantic dataset without colours, from ``(dataset id, name)`` pairs in
+    contiguous-id order."""
+    return {
+        "stuff_classes": [name for _, name in classes],
+        "stuff_dataset_id_to_contiguous_id": {dataset_id: i for i, (dataset_id, _) in enumerate(classes)},
+    }
 
 
 def register_lazy(name: str, loader: Callable[[], List[Dict[str, Any]]], **metadata: Any) -> bool:

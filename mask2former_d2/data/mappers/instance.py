@@ -5,7 +5,6 @@ whose mask is not empty after augmentation. Outputs: image (3, H, W) uint8, inst
 gt_classes (N,) int64, gt_masks (N, H, W) bool and gt_boxes (N, 4) XYXY tight around the masks.
 """
 
-import copy
 import importlib.util
 import logging
 from typing import Any, Dict, List, Sequence
@@ -16,7 +15,6 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.projects.point_rend.color_augmentation import ColorAugSSDTransform
 from detectron2.structures import BoxMode
 from detectron2.utils.logger import log_first_n
 
@@ -58,19 +56,7 @@ class MaskFormerInstanceDatasetMapper(MaskFormerMapperBase):
     @classmethod
     def train_augmentations(cls, cfg: CfgNode, ignore_label: int) -> List[AugmentationLike]:
         """Shortest-edge resize, optional random crop, optional colour aug, flip."""
-        augs: List[AugmentationLike] = [
-            T.ResizeShortestEdge(
-                cfg.INPUT.MIN_SIZE_TRAIN,
-                cfg.INPUT.MAX_SIZE_TRAIN,
-                cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
-            )
-        ]
-        if cfg.INPUT.CROP.ENABLED:
-            augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
-        if cfg.INPUT.COLOR_AUG_SSD:
-            augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
-        augs.append(T.RandomFlip())
-        return augs
+        return cls.resize_crop_flip(cfg, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
 
     def _normalize_annotation(
         self, anno: Dict[str, Any], image_file: str, image_hw: Sequence[int]
@@ -124,9 +110,7 @@ class MaskFormerInstanceDatasetMapper(MaskFormerMapperBase):
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         """Maps one dataset dict (see the class docstring for the output keys)."""
-        dataset_dict = copy.deepcopy(dataset_dict)  # the caller's dict stays untouched
-        image = self._read_image(dataset_dict)
-        image_file = dataset_dict["file_name"]
+        dataset_dict, image, image_file = self._start(dataset_dict)
         original_hw = image.shape[:2]
         annos = dataset_dict.pop("annotations", None)
         if annos is None:

@@ -50,7 +50,22 @@ def lsj_augmentations(cfg: CfgNode) -> List[AugmentationLike]:
     return augs
 
 
-class COCOInstanceNewBaselineDatasetMapper(MaskFormerInstanceDatasetMapper):
+class _LSJMixin:
+    """Training with :func:`lsj_augmentations` and no ``size_divisibility`` (the crop already
+    fixes the size); mixed in before a mapper class."""
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
+        ret = super().from_config(cfg, is_train)
+        ret["size_divisibility"] = -1
+        return ret
+
+    @classmethod
+    def train_augmentations(cls, cfg: CfgNode, ignore_label: int) -> List[AugmentationLike]:
+        return lsj_augmentations(cfg)
+
+
+class COCOInstanceNewBaselineDatasetMapper(_LSJMixin, MaskFormerInstanceDatasetMapper):
     """Instance mapper with LSJ augmentation (Mask2Former's COCO instance recipe).
 
     Same targets as :class:`MaskFormerInstanceDatasetMapper` (crowd dropped, masks from
@@ -61,18 +76,8 @@ class COCOInstanceNewBaselineDatasetMapper(MaskFormerInstanceDatasetMapper):
 
     with_padding_mask = True
 
-    @classmethod
-    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
-        ret = super().from_config(cfg, is_train)
-        ret["size_divisibility"] = -1
-        return ret
 
-    @classmethod
-    def train_augmentations(cls, cfg: CfgNode, ignore_label: int) -> List[AugmentationLike]:
-        return lsj_augmentations(cfg)
-
-
-class COCOPanopticNewBaselineDatasetMapper(MaskFormerPanopticDatasetMapper):
+class COCOPanopticNewBaselineDatasetMapper(_LSJMixin, MaskFormerPanopticDatasetMapper):
     """Panoptic mapper with LSJ augmentation (Mask2Former's COCO panoptic recipe).
 
     Targets come from the panoptic PNG as in :class:`MaskFormerPanopticDatasetMapper` (crowd
@@ -83,13 +88,3 @@ class COCOPanopticNewBaselineDatasetMapper(MaskFormerPanopticDatasetMapper):
     with_boxes = True
     with_padding_mask = True
     use_sem_seg_file = False
-
-    @classmethod
-    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
-        ret = super().from_config(cfg, is_train)
-        ret["size_divisibility"] = -1
-        return ret
-
-    @classmethod
-    def train_augmentations(cls, cfg: CfgNode, ignore_label: int) -> List[AugmentationLike]:
-        return lsj_augmentations(cfg)

@@ -6,7 +6,6 @@ int64 and gt_masks (N, H, W) bool, and sem_seg (H, W) int64 when the dict names 
 label file.
 """
 
-import copy
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -67,9 +66,7 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         """Maps one dataset dict (see the class docstring for the output keys)."""
-        dataset_dict = copy.deepcopy(dataset_dict)  # the caller's dict stays untouched
-        image = self._read_image(dataset_dict)
-        image_file = dataset_dict["file_name"]
+        dataset_dict, image, image_file = self._start(dataset_dict)
         original_hw = image.shape[:2]
         pan_seg_file: Optional[str] = dataset_dict.pop("pan_seg_file_name", None)
         sem_seg_file: Optional[str] = dataset_dict.pop("sem_seg_file_name", None)

@@ -5,14 +5,12 @@ excluded). Outputs: image (3, H, W) uint8, sem_seg (H, W) int64, instances with 
 (K,) int64 and gt_masks (K, H, W) bool (one binary mask per class present).
 """
 
-import copy
 from typing import Any, Dict, List
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
-from detectron2.projects.point_rend.color_augmentation import ColorAugSSDTransform
 
 from .utils import AugmentationLike, MaskFormerMapperBase, pad_to_multiple
 
@@ -45,32 +43,17 @@ class MaskFormerSemanticDatasetMapper(MaskFormerMapperBase):
     @classmethod
     def train_augmentations(cls, cfg: CfgNode, ignore_label: int) -> List[AugmentationLike]:
         """Shortest-edge resize, optional category-area-constrained crop, colour aug, flip."""
-        augs: List[AugmentationLike] = [
-            T.ResizeShortestEdge(
-                cfg.INPUT.MIN_SIZE_TRAIN,
-                cfg.INPUT.MAX_SIZE_TRAIN,
-                cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
-            )
-        ]
-        if cfg.INPUT.CROP.ENABLED:
-            augs.append(
-                T.RandomCrop_CategoryAreaConstraint(
-                    cfg.INPUT.CROP.TYPE,
-                    cfg.INPUT.CROP.SIZE,
-                    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
-                    ignore_label,
-                )
-            )
-        if cfg.INPUT.COLOR_AUG_SSD:
-            augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
-        augs.append(T.RandomFlip())
-        return augs
+        crop = cfg.INPUT.CROP
+        return cls.resize_crop_flip(
+            cfg,
+            T.RandomCrop_CategoryAreaConstraint(
+                crop.TYPE, crop.SIZE, crop.SINGLE_CATEGORY_MAX_AREA, ignore_label
+            ),
+        )
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         """Maps one dataset dict (see the class docstring for the output keys)."""
-        dataset_dict = copy.deepcopy(dataset_dict)  # the caller's dict stays untouched
-        image = self._read_image(dataset_dict)
-        image_file = dataset_dict["file_name"]
+        dataset_dict, image, image_file = self._start(dataset_dict)
         sem_seg_file = dataset_dict.pop("sem_seg_file_name", None)
         if sem_seg_file is None:
             if "annotations" in dataset_dict:

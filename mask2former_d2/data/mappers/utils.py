@@ -5,6 +5,7 @@ disk, C image channels, N ground-truth segments of one image. Images stay HWC nu
 until they become (C, H, W) uint8 tensors; label maps are (H, W); masks are (N, H, W) bool.
 """
 
+import copy
 import errno
 import inspect
 import logging
@@ -27,6 +28,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.projects.point_rend.color_augmentation import ColorAugSSDTransform
 from detectron2.structures import BitMasks, Instances
 from PIL import UnidentifiedImageError
 from torch import Tensor
@@ -304,7 +306,29 @@ class MaskFormerMapperBase:
             return []
         return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
 
+    @staticmethod
+    def resize_crop_flip(cfg: CfgNode, crop: AugmentationLike) -> List[AugmentationLike]:
+        """Shortest-edge resize, ``crop`` (if ``INPUT.CROP.ENABLED``), SSD colour augmentation
+        (if ``INPUT.COLOR_AUG_SSD``), random flip: the MaskFormer training recipe."""
+        augs: List[AugmentationLike] = [
+            T.ResizeShortestEdge(
+                cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+            )
+        ]
+        if cfg.INPUT.CROP.ENABLED:
+            augs.append(crop)
+        if cfg.INPUT.COLOR_AUG_SSD:
+            augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
+        augs.append(T.RandomFlip())
+        return augs
+
     # ------------------------------------------------------------------ helpers
+    def _start(self, dataset_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], np.ndarray, str]:
+        """A copy of ``dataset_dict`` (the caller's dict stays untouched), its image (checked
+        by :meth:`_read_image`) and the image's file name."""
+        dataset_dict = copy.deepcopy(dataset_dict)
+        return dataset_dict, self._read_image(dataset_dict), dataset_dict["file_name"]
+
     def _read_image(self, dataset_dict: Dict[str, Any]) -> np.ndarray:
         """Reads ``file_name``; checks and fills in ``height``/``width``."""
         if "file_name" not in dataset_dict:

@@ -262,18 +262,9 @@ class SwinBlock(nn.Module):
     """
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        window_size: int,
-        shift_size: int,
-        *,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
+        self, dim: int, num_heads: int, window_size: int, shift_size: int, *,
+        mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+        drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         assert 0 <= shift_size < window_size, (shift_size, window_size)
@@ -467,12 +458,8 @@ class SwinTransformer(nn.Module):
         depths: Sequence[int] = (2, 2, 6, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
         window_size: int = 7,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
+        mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+        drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.2,
         ape: bool = False,
         patch_norm: bool = True,
         out_indices: Sequence[int] = (0, 1, 2, 3),
@@ -537,11 +524,8 @@ class SwinTransformer(nn.Module):
                     drop_path=rates[first : first + depth],
                     downsample=i < num_stages - 1,
                     use_checkpoint=use_checkpoint,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
+                    mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                    drop=drop_rate, attn_drop=attn_drop_rate,
                 )
             )
         # one LayerNorm per returned stage, named norm{i} as in the published checkpoints

@@ -144,14 +144,9 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         self,
         input_shape: Dict[str, ShapeSpec],
         *,
-        transformer_dropout: float,
-        transformer_nheads: int,
-        transformer_dim_feedforward: int,
-        transformer_enc_layers: int,
-        transformer_pre_norm: bool,
-        conv_dim: int,
-        mask_dim: int,
-        norm: Norm = None,
+        transformer_dropout: float, transformer_nheads: int, transformer_dim_feedforward: int,
+        transformer_enc_layers: int, transformer_pre_norm: bool,
+        conv_dim: int, mask_dim: int, norm: Norm = None,
     ) -> None:
         """
         Args: those of :class:`BasePixelDecoder` (``conv_dim`` also sizes the encoder), and
@@ -170,12 +165,8 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         top_channels = max(input_shape.values(), key=lambda spec: spec.stride).channels
         self.input_proj = input_projection(top_channels, conv_dim, enforce=True)
         self.transformer = TransformerEncoderOnly(
-            hidden_dim=conv_dim,
-            num_heads=transformer_nheads,
-            num_encoder_layers=transformer_enc_layers,
-            dim_feedforward=transformer_dim_feedforward,
-            dropout=transformer_dropout,
-            normalize_before=transformer_pre_norm,
+            conv_dim, transformer_nheads, transformer_enc_layers, transformer_dim_feedforward,
+            transformer_dropout, normalize_before=transformer_pre_norm,
         )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
 

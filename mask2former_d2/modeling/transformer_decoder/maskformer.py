@@ -34,18 +34,9 @@ class StandardTransformerDecoder(QueryHeadsMixin, nn.Module):
         in_channels: int,
         mask_classification: bool = True,
         *,
-        num_classes: int,
-        hidden_dim: int,
-        num_queries: int,
-        num_heads: int,
-        dropout: float,
-        dim_feedforward: int,
-        enc_layers: int,
-        dec_layers: int,
-        pre_norm: bool,
-        deep_supervision: bool,
-        mask_dim: int,
-        enforce_input_project: bool,
+        num_classes: int, hidden_dim: int, num_queries: int, num_heads: int, dropout: float,
+        dim_feedforward: int, enc_layers: int, dec_layers: int, pre_norm: bool,
+        deep_supervision: bool, mask_dim: int, enforce_input_project: bool,
         aux_outputs_in_eval: bool = False,
     ) -> None:
         """
@@ -60,23 +51,16 @@ class StandardTransformerDecoder(QueryHeadsMixin, nn.Module):
             aux_outputs_in_eval: also compute the auxiliary predictions in eval mode.
         """
         super().__init__()
+        check_num_heads(hidden_dim, num_heads)
         if dec_layers < 1:
             raise ValueError(f"StandardTransformerDecoder needs dec_layers >= 1, got {dec_layers}")
-        check_num_heads(hidden_dim, num_heads)
-        self.num_queries = num_queries
-        self.deep_supervision = deep_supervision
+        self.num_queries, self.deep_supervision = num_queries, deep_supervision
         self.aux_outputs_in_eval = aux_outputs_in_eval
 
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.transformer = Transformer(
-            hidden_dim=hidden_dim,
-            num_heads=num_heads,
-            num_encoder_layers=enc_layers,
-            num_decoder_layers=dec_layers,
-            dim_feedforward=dim_feedforward,
-            dropout=dropout,
-            normalize_before=pre_norm,
-            return_intermediate_dec=deep_supervision,
+            hidden_dim, num_heads, enc_layers, dec_layers, dim_feedforward, dropout,
+            normalize_before=pre_norm, return_intermediate_dec=deep_supervision,
         )
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = input_projection(in_channels, hidden_dim, enforce_input_project)

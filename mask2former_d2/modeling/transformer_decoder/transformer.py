@@ -105,12 +105,8 @@ class TransformerDecoderLayer(_DETRLayer):
     cross_attention = True
 
     def forward(
-        self,
-        tgt: Tensor,
-        memory: Tensor,
-        memory_keys: Optional[Tensor] = None,
-        query_pos: Optional[Tensor] = None,
-        memory_key_padding_mask: Optional[Tensor] = None,
+        self, tgt: Tensor, memory: Tensor, memory_keys: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None, memory_key_padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """One decoder step.
 
@@ -153,12 +149,7 @@ class TransformerEncoder(nn.Module):
         self.num_layers = len(layers)
         self.norm = norm
 
-    def forward(
-        self,
-        src: Tensor,
-        pos: Optional[Tensor] = None,
-        key_padding_mask: Optional[Tensor] = None,
-    ) -> Tensor:
+    def forward(self, src: Tensor, pos: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """src: (B, S, C); pos: (B or 1, S, C); key_padding_mask: (B, S). Returns (B, S, C)."""
         for layer in self.layers:
             src = layer(src, pos=pos, key_padding_mask=key_padding_mask)
@@ -232,13 +223,8 @@ class TransformerEncoderOnly(nn.Module):
     """
 
     def __init__(
-        self,
-        hidden_dim: int = 512,
-        num_heads: int = 8,
-        num_encoder_layers: int = 6,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str = "relu",
+        self, hidden_dim: int = 512, num_heads: int = 8, num_encoder_layers: int = 6,
+        dim_feedforward: int = 2048, dropout: float = 0.1, activation: str = "relu",
         normalize_before: bool = False,
     ) -> None:
         super().__init__()
@@ -289,12 +275,7 @@ class Transformer(TransformerEncoderOnly):
         return_intermediate_dec: bool = False,
     ) -> None:
         super().__init__(
-            hidden_dim,
-            num_heads,
-            num_encoder_layers,
-            dim_feedforward,
-            dropout,
-            activation,
+            hidden_dim, num_heads, num_encoder_layers, dim_feedforward, dropout, activation,
             normalize_before,
         )
         layer_args = dict(dropout=dropout, activation=activation, normalize_before=normalize_before)
