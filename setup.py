@@ -7,4 +7,6 @@ setup(
     packages=find_packages(exclude=("tests", "configs", "demo", "datasets", "benchmarks")),
     python_requires=">=3.8",
     install_requires=[],
+    # Deployment (tools/export_model.py, ONNX Runtime inference); never needed to import the package.
+    extras_require={"export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"]},
 )
