@@ -19,7 +19,7 @@ from mask2former_d2 import get_maskformer_cfg
 from mask2former_d2.checkpoint import MaskFormerCheckpointer
 from mask2former_d2.export import ExportableMaskFormer
 from mask2former_d2.export.exporter import METADATA_KEY, export_metadata, export_onnx, export_program, trace
-from tests.common import SHARED, make_inputs, tiny_cfg
+from tests.common import ROOT, SHARED, make_inputs, tiny_cfg
 
 try:
     import onnx  # noqa: F401
@@ -245,6 +245,23 @@ class TestParityFixture(_ExportCase, unittest.TestCase):
         self.assertTrue(torch.equal(got["panoptic_seg"][0], expected["panoptic_seg"][0]))
         self.assertEqual(got["panoptic_seg"][1], expected["panoptic_seg"][1])
         torch.testing.assert_close(got["sem_seg"], expected["sem_seg"], atol=1e-4, rtol=1e-4)
+
+    def test_demo_from_onnx(self):
+        spec = importlib.util.spec_from_file_location("demo_script", os.path.join(ROOT, "demo", "demo.py"))
+        demo = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(demo)
+        image = np.asarray(torch.load(os.path.join(FIXTURE, "expected.pth"), weights_only=False)["images"][1])
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = os.path.join(tmp, "in.png"), os.path.join(tmp, "out.png")
+            cv2.imwrite(src, cv2.resize(image[:, :, ::-1], (128, 72)))
+            config = os.path.join(FIXTURE, "config.yaml")
+            argv = ["--config-file", config, "--onnx", self.onnx_path, "--input", src, "--output", out,
+                    "--opts", "INPUT.MIN_SIZE_TEST", "64"]
+            self.assertEqual(demo.main(argv), 0)
+            drawing = cv2.imread(out)
+            self.assertEqual(drawing.shape, (72, 128, 3))
+            with self.assertRaisesRegex(demo.DemoError, "--onnx .*missing.onnx: no such file"):
+                demo.main(argv[:2] + ["--onnx", os.path.join(tmp, "missing.onnx")] + argv[4:])
 
     def test_bad_inputs(self):
         from mask2former_d2.export.onnx_runtime import OnnxRuntimeMaskFormer

@@ -310,7 +310,8 @@ class SwinBlock(nn.Module):
         # Pad after the norm, so padded tokens are exactly zero (as in the reference model, where
         # they also take part in attention as keys).
         pad_b, pad_r = (-h) % ws, (-w) % ws
-        if pad_b or pad_r:
+        # While torch.export traces, sizes are symbolic: pad (possibly by 0) without asking.
+        if torch.compiler.is_exporting() or pad_b or pad_r:
             y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
         hp, wp = h + pad_b, w + pad_r
         if shift:
