@@ -238,8 +238,8 @@ class TestParityFixture(_ExportCase, unittest.TestCase):
         cfg.defrost()
         cfg.MODEL.WEIGHTS = os.path.join(FIXTURE, "weights.pkl")
         cfg.INPUT.MIN_SIZE_TEST = 96
-        image = cv2.resize(np.asarray(torch.load(os.path.join(FIXTURE, "expected.pth"), weights_only=False)[
-            "images"][0])[:, :, ::-1], (150, 100))
+        rgb = torch.load(os.path.join(FIXTURE, "expected.pth"), weights_only=False)["images"][0]
+        image = cv2.resize(np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1]), (150, 100))
         expected = Predictor(cfg)(image)
         got = Predictor(cfg, backend="onnxruntime", model_file=self.onnx_path)(image)
         self.assertTrue(torch.equal(got["panoptic_seg"][0], expected["panoptic_seg"][0]))
@@ -253,7 +253,7 @@ class TestParityFixture(_ExportCase, unittest.TestCase):
         image = np.asarray(torch.load(os.path.join(FIXTURE, "expected.pth"), weights_only=False)["images"][1])
         with tempfile.TemporaryDirectory() as tmp:
             src, out = os.path.join(tmp, "in.png"), os.path.join(tmp, "out.png")
-            cv2.imwrite(src, cv2.resize(image[:, :, ::-1], (128, 72)))
+            cv2.imwrite(src, cv2.resize(np.ascontiguousarray(image[:, :, ::-1]), (128, 72)))
             config = os.path.join(FIXTURE, "config.yaml")
             argv = ["--config-file", config, "--onnx", self.onnx_path, "--input", src, "--output", out,
                     "--opts", "INPUT.MIN_SIZE_TEST", "64"]
