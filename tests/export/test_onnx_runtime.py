@@ -40,7 +40,7 @@ TOLERANCE = 1e-4  # max-abs deviation relative to the output's range
 SWIN = [
     "MODEL.BACKBONE.NAME", "D2SwinTransformer",
     "MODEL.SWIN.EMBED_DIM", 16,
-    "MODEL.SWIN.DEPTHS", [2, 2, 2, 2],
+    "MODEL.SWIN.DEPTHS", [2, 2, 1, 1],  # shifted windows in the first two stages
     "MODEL.SWIN.NUM_HEADS", [1, 1, 2, 2],
     "MODEL.SWIN.WINDOW_SIZE", 7,
 ]

@@ -243,7 +243,12 @@ class WindowAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale,
         )  # (B*nW, M, N, D)
-        out = out.transpose(1, 2).reshape(bw, n, c)  # (B*nW, N, C)
+        out = out.transpose(1, 2)  # (B*nW, N, M, D)
+        if torch.compiler.is_exporting():
+            # The output's layout depends on the SDPA kernel: traced as a view, the reshape would
+            # fail once an exporter decomposes SDPA into another layout.
+            out = out.clone(memory_format=torch.contiguous_format)
+        out = out.reshape(bw, n, c)  # (B*nW, N, C)
         return self.proj_drop(self.proj(out))
 
 
