@@ -9,4 +9,6 @@ setup(
     package_data={"mask2former_d2.data.datasets": ["*.json"]},
     python_requires=">=3.8",
     install_requires=[],
+    # Deployment (tools/export_model.py, ONNX Runtime inference); never needed to import the package.
+    extras_require={"export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"]},
 )

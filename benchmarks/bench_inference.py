@@ -19,6 +19,7 @@ panoptic pixel agreement and segment counts, instance mask IoU in matched order;
     python benchmarks/bench_inference.py [--config FILE] [--size 800 1333] [--threads 2]
         [--repeat 5] [--precisions fp32,bf16] [--emulate] [--rounds 3 --save-weights W.pth
         --reference-cmd "python my_published_harness.py --weights W.pth"]
+    python benchmarks/bench_inference.py --onnx [--config FILE] [--size H W] [--weights W]
 
 The published implementation's figures stated in the model issue (11.5 s/image, peak RSS
 4.2 GB; backbone 1.1 s, pixel decoder 5.0 s, transformer decoder 1.3 s, post-processing 4.5 s)
@@ -167,6 +168,73 @@ class _Forward:
         return F()
 
 
+def _measure_onnx(args) -> None:
+    """``--onnx``: ONNX Runtime (CPU) against eager PyTorch fp32, same weights, same padded image:
+    export time and file size of a dynamic-size ONNX file, then seconds per image of the network
+    alone (image -> pred_logits, pred_masks) and end to end (with the post-processing, which is
+    the same Python code for both), each the fastest of --repeat runs after a warm-up."""
+    import tempfile
+
+    import torch
+    from detectron2.modeling import build_model
+
+    from mask2former_d2 import get_maskformer_cfg
+    from mask2former_d2.export import ExportableMaskFormer
+    from mask2former_d2.export.exporter import export_metadata, export_onnx, trace
+    from mask2former_d2.export.onnx_runtime import OnnxRuntimeMaskFormer, padded_size
+
+    torch.set_num_threads(args.threads)
+    cfg = get_maskformer_cfg(args.config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", args.weights])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    if args.weights:
+        from mask2former_d2.checkpoint import MaskFormerCheckpointer
+
+        MaskFormerCheckpointer(model).load(args.weights)
+    h, w = args.size
+    hp, wp = padded_size(h, w, model.size_divisibility, 32)
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8).float()
+    batch = model.pixel_mean.expand(1, -1, hp, wp).clone()
+    batch[0, :, :h, :w] = image
+    inputs = [{"image": image, "height": h, "width": w}]
+
+    def fastest(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        t = time.perf_counter()
+        program = trace(model, batch, dynamic=True)
+        export_onnx(program, path, export_metadata(model, cfg, tuple(batch.shape), dynamic=True))
+        export_s = time.perf_counter() - t
+        size_mb = os.path.getsize(path) / 2**20
+        ort_model = OnnxRuntimeMaskFormer(cfg, path, num_threads=args.threads)
+        network = ExportableMaskFormer(model)
+        with torch.no_grad():
+            rows = {
+                "eager fp32": (fastest(lambda: network(batch)), fastest(lambda: model(inputs))),
+                "onnxruntime cpu": (fastest(lambda: ort_model.network(batch)), fastest(lambda: ort_model(inputs))),
+            }
+            deviation = max(
+                float((g - e).abs().max() / (e.max() - e.min()))
+                for g, e in zip(ort_model.network(batch), network(batch))
+            )
+    print(f"\n{os.path.relpath(args.config, ROOT)}, {h}x{w} (padded {hp}x{wp}), {args.threads} threads, "
+          f"seconds per image (fastest of {args.repeat} runs)\n")
+    print("| setting | network | end to end (with post-processing) |")
+    print("|---|---|---|")
+    for name, (net, total) in rows.items():
+        print(f"| {name} | {net:.3f} | {total:.3f} |")
+    print(f"\nONNX export (dynamic height/width): {export_s:.1f} s, {size_mb:.1f} MiB; max-abs deviation "
+          f"of ONNX Runtime from eager, relative to the output range: {deviation:.2e}")
+
+
 def _run(cmd, name):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -213,8 +281,14 @@ def main():
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--save-outputs", default="", help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true")
+    ap.add_argument("--onnx", action="store_true",
+                    help="instead: ONNX Runtime (CPU) vs eager fp32, same weights, with export time and "
+                    "file size (needs the export extra: pip install .[export])")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.onnx:
+        _measure_onnx(args)
+        return
     if args.child:
         import contextlib
 

@@ -9,7 +9,11 @@ Examples::
     python demo/demo.py --config-file cfg.yaml --video-input clip.mp4 --output vis/clip.mp4 \
         --opts MODEL.WEIGHTS model_final.pkl
 
-Without ``--output`` the results are shown in OpenCV windows (press Esc to stop).
+    python demo/demo.py --config-file cfg.yaml --onnx model.onnx --input photo.jpg --output vis/
+
+Without ``--output`` the results are shown in OpenCV windows (press Esc to stop). With
+``--onnx`` the network runs in ONNX Runtime from a file of ``tools/export_model.py``; the
+post-processing is the PyTorch model's, so the drawings are the same.
 """
 
 import argparse
@@ -33,7 +37,7 @@ from detectron2.utils.logger import setup_logger
 from mask2former_d2 import get_maskformer_cfg
 from mask2former_d2.config import validate_cfg
 from mask2former_d2.modeling.precision import check_precision
-from mask2former_d2.predictor import VisualizationDemo
+from mask2former_d2.predictor import Predictor, VisualizationDemo
 
 logger = logging.getLogger("mask2former_d2.demo")
 
@@ -84,6 +88,12 @@ def get_parser() -> argparse.ArgumentParser:
         "outputs them (see MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD). When the model outputs "
         "a panoptic segmentation, that is what gets drawn, so this threshold has no visible "
         "effect.",
+    )
+    parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="run the network from this ONNX file (written by tools/export_model.py from the same "
+        "config) in ONNX Runtime instead of PyTorch; MODEL.WEIGHTS is then not read",
     )
     parser.add_argument(
         "--opts",
@@ -415,8 +425,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output is None:
         _require_display()
 
+    predictor = None
+    if args.onnx:
+        if not os.path.isfile(args.onnx):
+            raise DemoError(f"--onnx {args.onnx}: no such file")
+        try:
+            predictor = Predictor(cfg, backend="onnxruntime", model_file=args.onnx)
+        except ImportError as e:
+            raise DemoError(f"--onnx needs the export extra (pip install .[export]): {e}") from None
+        except (ValueError, FileNotFoundError) as e:
+            raise DemoError(f"--onnx {args.onnx}: {e}") from None
     try:
-        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold, predictor=predictor)
     except (ValueError, FileNotFoundError) as e:  # e.g. MODEL.WEIGHTS missing, unreadable, unfit
         raise DemoError(f"cannot build the model: {e}") from None
     if args.input:

@@ -106,9 +106,13 @@ class Predictor:
     converts the channels to
     ``INPUT.FORMAT`` and asks for outputs at the original size.
 
+    With ``backend="onnxruntime"``, the network runs from an ONNX file written by
+    ``tools/export_model.py`` (``model_file``) in ONNX Runtime, and the model's own
+    post-processing turns its outputs into the same output dict; ``MODEL.WEIGHTS`` is not read.
+
     Attributes:
         cfg: a frozen copy of the config.
-        model: the model, in eval mode.
+        model: the model, in eval mode (an ``OnnxRuntimeMaskFormer`` for ONNX Runtime).
         metadata: metadata of ``DATASETS.TEST[0]`` (else ``DATASETS.TRAIN[0]``).
         input_format: "BGR" or "RGB".
 
@@ -116,16 +120,26 @@ class Predictor:
 
         predictor = Predictor(cfg)
         outputs = predictor(cv2.imread("input.jpg"))
+        onnx_predictor = Predictor(cfg, backend="onnxruntime", model_file="model.onnx")
     """
 
-    def __init__(self, cfg: CfgNode) -> None:
+    BACKENDS = ("pytorch", "onnxruntime")
+
+    def __init__(self, cfg: CfgNode, backend: str = "pytorch", model_file: Optional[str] = None) -> None:
         """
         Args:
             cfg: a full Detectron2 config with the MaskFormer keys.
+            backend: "pytorch" (the model built from ``cfg``) or "onnxruntime".
+            model_file: the ``.onnx`` file, for the "onnxruntime" backend.
 
         Raises:
-            ValueError: if ``INPUT.FORMAT`` or the test sizes are not usable.
+            ValueError: if ``INPUT.FORMAT`` or the test sizes are not usable, or the backend
+                or model file does not fit.
         """
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend must be one of {self.BACKENDS}; got {backend!r}")
+        if (backend == "onnxruntime") != (model_file is not None):
+            raise ValueError(f"model_file is needed by, and only by, the onnxruntime backend (backend={backend!r})")
         self.cfg = cfg.clone()
         self.cfg.freeze()
         self.input_format = self.cfg.INPUT.FORMAT
@@ -139,9 +153,14 @@ class Predictor:
         # As in Detectron2, MIN_SIZE_TEST = 0 feeds images at their own size.
         self.aug = T.ResizeShortestEdge([min_size, min_size], max_size) if min_size else None
 
+        self.metadata = _metadata_for(self.cfg)
+        if backend == "onnxruntime":
+            from .export.onnx_runtime import OnnxRuntimeMaskFormer
+
+            self.model = OnnxRuntimeMaskFormer(self.cfg, model_file)
+            return
         self.model = build_model(self.cfg)
         self.model.eval()
-        self.metadata = _metadata_for(self.cfg)
         if self.cfg.MODEL.WEIGHTS:
             MaskFormerCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
         else:
@@ -160,6 +179,13 @@ class Predictor:
         Raises:
             ValueError: if ``original_image`` is not an (H, W, 3) ``uint8`` array.
         """
+        inputs = self.preprocess(original_image)
+        with torch.no_grad():
+            return self.model([inputs])[0]
+
+    def preprocess(self, original_image: np.ndarray) -> Dict[str, Any]:
+        """The model's input dict for one BGR ``uint8`` image: ``image`` (3, H', W') float32
+        resized and in ``INPUT.FORMAT``, with ``height``/``width`` the original size."""
         image = check_bgr_image(original_image)
         if self.input_format == "RGB":
             image = image[:, :, ::-1]
@@ -169,9 +195,7 @@ class Predictor:
         tensor = torch.as_tensor(
             np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32
         )
-        inputs = {"image": tensor, "height": height, "width": width}
-        with torch.no_grad():
-            return self.model([inputs])[0]
+        return {"image": tensor, "height": height, "width": width}
 
 
 class VisualizationDemo:

@@ -71,4 +71,10 @@ if ! "$VPY" -c 'import importlib.metadata as m; m.version("mask2former_d2")' >/d
   log "installing mask2former_d2 (editable)"
   $PIP install --no-deps --no-build-isolation -e .
 fi
+# The optional export extra (ONNX export and ONNX Runtime), which the tests use. numpy<2 again:
+# the resolver would otherwise upgrade numpy for the newest ml_dtypes.
+if ! have onnx onnxruntime onnxscript; then
+  log "installing the export extra (onnx, onnxruntime, onnxscript)"
+  $PIP install --no-build-isolation "numpy<2" -e ".[export]"
+fi
 "$VPY" -c 'import torch, detectron2, mask2former_d2; print("[setup] ready: torch", torch.__version__, "detectron2", detectron2.__version__)'

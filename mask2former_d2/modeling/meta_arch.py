@@ -153,13 +153,21 @@ class MaskFormer(nn.Module):
 
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
-        test = cfg.MODEL.MASK_FORMER.TEST
-        names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
-        metadata = MetadataCatalog.get(names[0]) if names else None
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
             "criterion": build_criterion(cfg, sem_seg_head.num_classes),
+            **cls.inference_options(cfg),
+        }
+
+    @classmethod
+    def inference_options(cls, cfg: CfgNode) -> Dict[str, Any]:
+        """The constructor arguments other than the modules: what pre- and post-processing
+        need (e.g. to post-process outputs computed by an exported graph)."""
+        test = cfg.MODEL.MASK_FORMER.TEST
+        names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
+        metadata = MetadataCatalog.get(names[0]) if names else None
+        return {
             "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
             "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": test.OVERLAP_THRESHOLD,
@@ -229,11 +237,27 @@ class MaskFormer(nn.Module):
             return {k: v * weights[k] for k, v in losses.items() if k in weights}
 
         padded_size = tuple(images.tensor.shape[-2:])
+        return self.postprocess(
+            outputs["pred_logits"], outputs["pred_masks"], padded_size, images.image_sizes,
+            batched_inputs,
+        )
+
+    def postprocess(
+        self,
+        pred_logits: Tensor,
+        pred_masks: Tensor,
+        padded_size: Tuple[int, int],
+        image_sizes: Sequence[Tuple[int, int]],
+        batched_inputs: Sequence[Dict[str, Any]],
+    ) -> List[Dict[str, Any]]:
+        """Inference outputs of a batch from the network's (B, Q, K+1) class logits and
+        (B, Q, h, w) mask logits, computed on the batch padded to ``padded_size``; image i has
+        size ``image_sizes[i]`` inside it and its requested output size in
+        ``batched_inputs[i]`` (see :meth:`inference_single`). The network may have run
+        anywhere (e.g. an exported graph in ONNX Runtime)."""
         return [
             self.inference_single(mask_cls, mask_pred, padded_size, size, x)
-            for mask_cls, mask_pred, size, x in zip(
-                outputs["pred_logits"], outputs["pred_masks"], images.image_sizes, batched_inputs
-            )
+            for mask_cls, mask_pred, size, x in zip(pred_logits, pred_masks, image_sizes, batched_inputs)
         ]
 
     def _forward_low_precision(self, x: Tensor) -> Dict[str, Any]:

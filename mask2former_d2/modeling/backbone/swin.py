@@ -243,7 +243,12 @@ class WindowAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale,
         )  # (B*nW, M, N, D)
-        out = out.transpose(1, 2).reshape(bw, n, c)  # (B*nW, N, C)
+        out = out.transpose(1, 2)  # (B*nW, N, M, D)
+        if torch.compiler.is_exporting():
+            # The output's layout depends on the SDPA kernel: traced as a view, the reshape would
+            # fail once an exporter decomposes SDPA into another layout.
+            out = out.clone(memory_format=torch.contiguous_format)
+        out = out.reshape(bw, n, c)  # (B*nW, N, C)
         return self.proj_drop(self.proj(out))
 
 
@@ -301,7 +306,8 @@ class SwinBlock(nn.Module):
         # Pad after the norm, so padded tokens are exactly zero (as in the reference model, where
         # they also take part in attention as keys).
         pad_b, pad_r = (-h) % ws, (-w) % ws
-        if pad_b or pad_r:
+        # While torch.export traces, sizes are symbolic: pad (possibly by 0) without asking.
+        if torch.compiler.is_exporting() or pad_b or pad_r:
             y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
         hp, wp = h + pad_b, w + pad_r
         if shift:

@@ -1,0 +1,135 @@
+"""Exporting :class:`ExportableMaskFormer` with ``torch.export`` (``.pt2``) and to ONNX.
+
+Both go through one ``torch.export`` trace with symbolic height and width (multiples of
+:data:`EXPORT_DIVISIBILITY`) unless a static export is asked for. The ONNX file carries its
+description (classes, queries, input format, padding, sizes) in ``metadata_props`` so that the
+runtime can refuse a file that does not belong to the config it is used with.
+"""
+
+import json
+import logging
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from detectron2.config import CfgNode
+from torch import Tensor
+
+from ..modeling.meta_arch import MaskFormer
+from .wrapper import EXPORT_DIVISIBILITY, INPUT_NAMES, OUTPUT_NAMES, ExportableMaskFormer, export_mode
+
+__all__ = [
+    "MAX_SIZE",
+    "METADATA_KEY",
+    "ONNX_OPSET",
+    "export_metadata",
+    "export_onnx",
+    "export_program",
+    "trace",
+]
+
+logger = logging.getLogger(__name__)
+
+ONNX_OPSET = 18
+# The largest height / width a dynamic export accepts.
+MAX_SIZE = 8192
+# The ONNX metadata_props key holding the JSON description written by :func:`export_metadata`.
+METADATA_KEY = "mask2former_d2"
+
+
+def export_metadata(model: MaskFormer, cfg: CfgNode, image_shape: Tuple[int, ...], dynamic: bool) -> Dict:
+    """What a runtime needs to know about an exported graph (stored with it)."""
+    head = model.sem_seg_head
+    return {
+        "num_classes": int(head.num_classes),
+        "num_queries": int(model.num_queries),
+        "input_format": cfg.INPUT.FORMAT,
+        "pixel_mean": [float(v) for v in model.pixel_mean.flatten()],
+        "pixel_std": [float(v) for v in model.pixel_std.flatten()],
+        # The padding the meta-architecture applies (the backbone's when the config says < 0).
+        "size_divisibility": int(model.size_divisibility),
+        "divisibility": EXPORT_DIVISIBILITY,
+        "dynamic": bool(dynamic),
+        # (H, W) of a static export; null when any multiple of ``divisibility`` is accepted.
+        "image_size": None if dynamic else [int(image_shape[2]), int(image_shape[3])],
+        "batch_size": int(image_shape[0]),
+        "architecture": {
+            "backbone": type(model.backbone).__name__,
+            "pixel_decoder": type(head.pixel_decoder).__name__,
+            "transformer_decoder": type(head.predictor).__name__,
+        },
+    }
+
+
+def _check_sample(image: Tensor) -> None:
+    if image.dim() != 4 or image.shape[1] != 3 or image.dtype != torch.float32:
+        raise ValueError(
+            f"the sample image must be a float32 (B, 3, H, W) tensor; got {image.dtype} "
+            f"{tuple(image.shape)}"
+        )
+    h, w = image.shape[-2:]
+    if h % EXPORT_DIVISIBILITY or w % EXPORT_DIVISIBILITY:
+        raise ValueError(
+            f"the sample image is {h}x{w}; height and width must be multiples of "
+            f"{EXPORT_DIVISIBILITY}"
+        )
+
+
+def trace(model: MaskFormer, image: Tensor, *, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` of the network on the sample ``image`` (B, 3, H, W), with the
+    export formulations (:func:`export_mode`). With ``dynamic``, height and width are symbolic
+    multiples of :data:`EXPORT_DIVISIBILITY` up to :data:`MAX_SIZE`; the batch size is that
+    of ``image``."""
+    _check_sample(image)
+    wrapper = ExportableMaskFormer(model)
+    dynamic_shapes = None
+    if dynamic:
+        top = MAX_SIZE // EXPORT_DIVISIBILITY
+        h = torch.export.Dim("height_div32", min=1, max=top)
+        w = torch.export.Dim("width_div32", min=1, max=top)
+        dynamic_shapes = {"image": {2: EXPORT_DIVISIBILITY * h, 3: EXPORT_DIVISIBILITY * w}}
+    with torch.no_grad(), export_mode(model):
+        return torch.export.export(wrapper, (image,), dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def export_program(program: torch.export.ExportedProgram, path: str, metadata: Optional[Dict] = None) -> str:
+    """Saves an ExportedProgram as ``.pt2`` (reload with ``torch.export.load``), with
+    ``metadata`` as the extra file ``mask2former_d2.json``."""
+    extra = {f"{METADATA_KEY}.json": json.dumps(metadata, sort_keys=True)} if metadata else None
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    torch.export.save(program, path, extra_files=extra)
+    return path
+
+
+def export_onnx(
+    program: torch.export.ExportedProgram,
+    path: str,
+    metadata: Dict,
+    *,
+    opset: int = ONNX_OPSET,
+    optimize: bool = True,
+) -> str:
+    """Converts a traced network (:func:`trace`) to an ONNX file at ``path``, stores
+    ``metadata`` in its ``metadata_props`` and checks it with ``onnx.checker``."""
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"ONNX opset {opset}: at least 17 is needed (GridSample, LayerNormalization)")
+    onnx_program = torch.onnx.export(
+        program,
+        dynamo=True,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        opset_version=opset,
+        optimize=optimize,
+        verbose=False,
+    )
+    proto = onnx_program.model_proto
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata, sort_keys=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    onnx.save(proto, path)
+    # By path: the checker then also handles files above protobuf's 2 GB in-memory limit.
+    onnx.checker.check_model(path, full_check=False)
+    return path
