@@ -73,6 +73,11 @@ def filter_instances(instances: Instances, threshold: float) -> Instances:
     return instances[instances.scores >= threshold]
 
 
+def _class_ids(sem_seg: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) probabilities -> (H, W) class ids; class ids are returned as they are."""
+    return sem_seg.argmax(dim=0) if sem_seg.dim() == 3 else sem_seg
+
+
 def _metadata_for(cfg: CfgNode) -> Metadata:
     """Metadata of the first test dataset, else of the first training dataset."""
     names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
@@ -174,11 +179,30 @@ class Predictor:
             return self.model([inputs])[0]
 
 
+def _compute_drawn_output_only(model: Any) -> None:
+    """Makes a MaskFormer that a :class:`VisualizationDemo` built compute only the output it
+    draws: the panoptic segmentation if enabled, else the instances, else the semantic class
+    ids (``MaskFormer.semantic_labels``). The others are skipped rather than computed at the
+    image's full size and dropped: (K, H, W) probabilities of a 6000x4000 photo are ~13 GB."""
+    if not all(hasattr(model, a) for a in ("panoptic_on", "instance_on", "semantic_labels")):
+        return  # another model: left as it is
+    if model.panoptic_on:
+        model.instance_on = model.semantic_on = False
+    elif model.instance_on:
+        model.semantic_on = False
+    else:
+        model.semantic_labels = True
+
+
 class VisualizationDemo:
     """Draws a model's predictions on images and video frames.
 
     One overlay is drawn per image, chosen from what the model outputs: the panoptic
     segmentation if present, else the instances, else the semantic segmentation.
+
+    A demo that builds its own predictor has the model compute only the drawn output (see
+    :func:`_compute_drawn_output_only`), so its predictions hold that one output (``sem_seg``
+    as (H, W) class ids); a given ``predictor`` is used as it is.
 
     The confidence threshold applies to instance predictions only. Panoptic segments carry no
     score and are drawn as the model produced them (their filtering is controlled by
@@ -207,7 +231,10 @@ class VisualizationDemo:
             raise ValueError("confidence_threshold must be a number; got nan")
         self.confidence_threshold = float(confidence_threshold)
         self.instance_mode = instance_mode
-        self.predictor = predictor if predictor is not None else Predictor(cfg)
+        if predictor is None:
+            predictor = Predictor(cfg)
+            _compute_drawn_output_only(predictor.model)
+        self.predictor = predictor
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.metadata = _with_class_names(self.predictor.metadata, num_classes)
         self.cpu = torch.device("cpu")
@@ -251,8 +278,7 @@ class VisualizationDemo:
         elif "instances" in predictions:
             vis = visualizer.draw_instance_predictions(predictions["instances"])
         elif "sem_seg" in predictions:
-            # (K, H, W) probabilities -> (H, W) class ids.
-            vis = visualizer.draw_sem_seg(predictions["sem_seg"].argmax(dim=0))
+            vis = visualizer.draw_sem_seg(_class_ids(predictions["sem_seg"]))
         else:
             logger.warning("the model returned none of panoptic_seg/instances/sem_seg")
             vis = visualizer.output
@@ -300,8 +326,7 @@ class VisualizationDemo:
         elif "instances" in predictions:
             vis = video_visualizer.draw_instance_predictions(rgb, predictions["instances"])
         elif "sem_seg" in predictions:
-            # (K, H, W) probabilities -> (H, W) class ids.
-            vis = video_visualizer.draw_sem_seg(rgb, predictions["sem_seg"].argmax(dim=0))
+            vis = video_visualizer.draw_sem_seg(rgb, _class_ids(predictions["sem_seg"]))
         else:
             return frame
         return cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)
