@@ -194,6 +194,37 @@ def _compute_drawn_output_only(model: Any) -> None:
         model.semantic_labels = True
 
 
+class _OverlayImage(VisImage):
+    """Detectron2's ``VisImage`` that leaves the photo out of matplotlib: only the overlays are
+    rendered (on a transparent canvas) and :meth:`get_image` blends them onto the photo, band by
+    band. Same drawing up to rounding; matplotlib renders an ``imshow``-ed photo through float
+    RGBA copies, ~2.3 GB more at 6000x4000."""
+
+    def reset_image(self, img: np.ndarray) -> None:
+        self.img = np.asarray(img, dtype=np.uint8)
+        # The pixel coordinates imshow's extent would give the axes.
+        self.ax.set_xlim(0, self.width)
+        self.ax.set_ylim(self.height, 0)
+
+    def get_image(self) -> np.ndarray:
+        buffer, (width, height) = self.canvas.print_to_buffer()
+        rgba = np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 4)  # not premultiplied
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        for r0 in range(0, height, 256):
+            band = rgba[r0 : r0 + 256]
+            alpha = band[:, :, 3:].astype(np.float32) / 255
+            blended = band[:, :, :3] * alpha + self.img[r0 : r0 + 256] * (1 - alpha)
+            out[r0 : r0 + 256] = np.rint(blended)
+        return out
+
+
+def _visualizer(image_rgb: np.ndarray, metadata: Metadata, instance_mode: ColorMode) -> Visualizer:
+    """Detectron2's ``Visualizer`` drawing onto an :class:`_OverlayImage`."""
+    visualizer = Visualizer(image_rgb, metadata, instance_mode=instance_mode)
+    visualizer.output = _OverlayImage(visualizer.img, scale=visualizer.output.scale)
+    return visualizer
+
+
 class VisualizationDemo:
     """Draws a model's predictions on images and video frames.
 
@@ -271,7 +302,7 @@ class VisualizationDemo:
             ``VisImage`` of size H x W (``vis.get_image()`` is RGB).
         """
         predictions = self.predict(image)
-        visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
+        visualizer = _visualizer(image[:, :, ::-1], self.metadata, self.instance_mode)
         if "panoptic_seg" in predictions:
             panoptic_seg, segments_info = predictions["panoptic_seg"]
             vis = visualizer.draw_panoptic_seg(panoptic_seg, segments_info)

@@ -6,13 +6,15 @@ import unittest
 
 import numpy as np
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.utils.visualizer import ColorMode, Visualizer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mask2former_d2.modeling.postprocessing import MaskLogitRows, postprocess_masks, semantic_labels
-from mask2former_d2.predictor import VisualizationDemo
+from mask2former_d2.predictor import VisualizationDemo, _visualizer
 
 from ..common import make_inputs, tiny_cfg
 
@@ -103,6 +105,25 @@ class TestDemoDrawsWithoutFullProbabilities(unittest.TestCase):
                 )
                 self.assertEqual(predictions["sem_seg"].shape, (self.H, self.W))  # class ids
                 self.assertLess(largest, self.full_planes)
+
+    def test_drawing_matches_detectron2(self):
+        # The overlays are blended onto the photo outside matplotlib (no imshow of the photo).
+        h, w = 120, 160
+        image = np.random.RandomState(1).randint(0, 256, (h, w, 3), dtype=np.uint8)
+        panoptic = torch.zeros(h, w, dtype=torch.int32)
+        panoptic[10:60, 20:90] = 1
+        panoptic[70:110, 30:150] = 2
+        segments = [{"id": 1, "isthing": True, "category_id": 0}, {"id": 2, "isthing": False, "category_id": 3}]
+        metadata = MetadataCatalog.get("coco_2017_val_panoptic")
+        for mode in (ColorMode.IMAGE, ColorMode.IMAGE_BW):
+            with self.subTest(mode=mode):
+                drawings = []
+                for visualizer in (Visualizer(image, metadata, instance_mode=mode),
+                                   _visualizer(image, metadata, mode)):
+                    np.random.seed(0)  # Detectron2 jitters the colours of things
+                    drawings.append(visualizer.draw_panoptic_seg(panoptic, segments).get_image().astype(int))
+                self.assertGreater(np.abs(drawings[0] - image).max(), 50)  # something is drawn
+                self.assertLessEqual(np.abs(drawings[0] - drawings[1]).max(), 2)
 
 
 if __name__ == "__main__":
