@@ -264,10 +264,8 @@ class _Panoptic:
         self.seg += torch.bincount(winner[confident], minlength=self.n)
 
     def finish(self) -> Tuple[Tensor, List[Dict]]:
-        h, w = self.winner.shape
-        panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=self.winner.device)
         if self.n == 0:
-            return panoptic_seg, []
+            return torch.zeros(self.winner.shape, dtype=torch.int32, device=self.winner.device), []
         # The segment bookkeeping needs a handful of scalars per query: one transfer.
         stats = torch.stack([self.classes, self.won, self.own, self.seg]).tolist()
         thing_set = set(int(t) for t in self.thing_ids)
@@ -287,7 +285,9 @@ class _Panoptic:
             segment_of_query[k] = seg_id
             segments_info.append({"id": seg_id, "isthing": isthing, "category_id": cls})
         lut = torch.tensor(segment_of_query, dtype=torch.int32, device=self.winner.device)
-        panoptic_seg = torch.where(self.confident, lut[self.winner], panoptic_seg)
+        # where(confident, lut[winner], 0) with a single (H, W) int32 tensor.
+        panoptic_seg = lut[self.winner]
+        panoptic_seg.masked_fill_(self.confident.logical_not_(), 0)
         return panoptic_seg, segments_info
 
 
