@@ -73,6 +73,11 @@ def filter_instances(instances: Instances, threshold: float) -> Instances:
     return instances[instances.scores >= threshold]
 
 
+def _class_ids(sem_seg: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) probabilities -> (H, W) class ids; class ids are returned as they are."""
+    return sem_seg.argmax(dim=0) if sem_seg.dim() == 3 else sem_seg
+
+
 def _metadata_for(cfg: CfgNode) -> Metadata:
     """Metadata of the first test dataset, else of the first training dataset."""
     names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
@@ -198,11 +203,61 @@ class Predictor:
         return {"image": tensor, "height": height, "width": width}
 
 
+def _compute_drawn_output_only(model: Any) -> None:
+    """Makes a MaskFormer that a :class:`VisualizationDemo` built compute only the output it
+    draws: the panoptic segmentation if enabled, else the instances, else the semantic class
+    ids (``MaskFormer.semantic_labels``). The others are skipped rather than computed at the
+    image's full size and dropped: (K, H, W) probabilities of a 6000x4000 photo are ~13 GB."""
+    if not all(hasattr(model, a) for a in ("panoptic_on", "instance_on", "semantic_labels")):
+        return  # another model: left as it is
+    if model.panoptic_on:
+        model.instance_on = model.semantic_on = False
+    elif model.instance_on:
+        model.semantic_on = False
+    else:
+        model.semantic_labels = True
+
+
+class _OverlayImage(VisImage):
+    """Detectron2's ``VisImage`` that leaves the photo out of matplotlib: only the overlays are
+    rendered (on a transparent canvas) and :meth:`get_image` blends them onto the photo, band by
+    band. Same drawing up to rounding; matplotlib renders an ``imshow``-ed photo through float
+    RGBA copies, ~2.3 GB more at 6000x4000."""
+
+    def reset_image(self, img: np.ndarray) -> None:
+        self.img = np.asarray(img, dtype=np.uint8)
+        # The pixel coordinates imshow's extent would give the axes.
+        self.ax.set_xlim(0, self.width)
+        self.ax.set_ylim(self.height, 0)
+
+    def get_image(self) -> np.ndarray:
+        buffer, (width, height) = self.canvas.print_to_buffer()
+        rgba = np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 4)  # not premultiplied
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        for r0 in range(0, height, 256):
+            band = rgba[r0 : r0 + 256]
+            alpha = band[:, :, 3:].astype(np.float32) / 255
+            blended = band[:, :, :3] * alpha + self.img[r0 : r0 + 256] * (1 - alpha)
+            out[r0 : r0 + 256] = np.rint(blended)
+        return out
+
+
+def _visualizer(image_rgb: np.ndarray, metadata: Metadata, instance_mode: ColorMode) -> Visualizer:
+    """Detectron2's ``Visualizer`` drawing onto an :class:`_OverlayImage`."""
+    visualizer = Visualizer(image_rgb, metadata, instance_mode=instance_mode)
+    visualizer.output = _OverlayImage(visualizer.img, scale=visualizer.output.scale)
+    return visualizer
+
+
 class VisualizationDemo:
     """Draws a model's predictions on images and video frames.
 
     One overlay is drawn per image, chosen from what the model outputs: the panoptic
     segmentation if present, else the instances, else the semantic segmentation.
+
+    A demo that builds its own predictor has the model compute only the drawn output (see
+    :func:`_compute_drawn_output_only`), so its predictions hold that one output (``sem_seg``
+    as (H, W) class ids); a given ``predictor`` is used as it is.
 
     The confidence threshold applies to instance predictions only. Panoptic segments carry no
     score and are drawn as the model produced them (their filtering is controlled by
@@ -231,7 +286,10 @@ class VisualizationDemo:
             raise ValueError("confidence_threshold must be a number; got nan")
         self.confidence_threshold = float(confidence_threshold)
         self.instance_mode = instance_mode
-        self.predictor = predictor if predictor is not None else Predictor(cfg)
+        if predictor is None:
+            predictor = Predictor(cfg)
+            _compute_drawn_output_only(predictor.model)
+        self.predictor = predictor
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.metadata = _with_class_names(self.predictor.metadata, num_classes)
         self.cpu = torch.device("cpu")
@@ -268,15 +326,14 @@ class VisualizationDemo:
             ``VisImage`` of size H x W (``vis.get_image()`` is RGB).
         """
         predictions = self.predict(image)
-        visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
+        visualizer = _visualizer(image[:, :, ::-1], self.metadata, self.instance_mode)
         if "panoptic_seg" in predictions:
             panoptic_seg, segments_info = predictions["panoptic_seg"]
             vis = visualizer.draw_panoptic_seg(panoptic_seg, segments_info)
         elif "instances" in predictions:
             vis = visualizer.draw_instance_predictions(predictions["instances"])
         elif "sem_seg" in predictions:
-            # (K, H, W) probabilities -> (H, W) class ids.
-            vis = visualizer.draw_sem_seg(predictions["sem_seg"].argmax(dim=0))
+            vis = visualizer.draw_sem_seg(_class_ids(predictions["sem_seg"]))
         else:
             logger.warning("the model returned none of panoptic_seg/instances/sem_seg")
             vis = visualizer.output
@@ -324,8 +381,7 @@ class VisualizationDemo:
         elif "instances" in predictions:
             vis = video_visualizer.draw_instance_predictions(rgb, predictions["instances"])
         elif "sem_seg" in predictions:
-            # (K, H, W) probabilities -> (H, W) class ids.
-            vis = video_visualizer.draw_sem_seg(rgb, predictions["sem_seg"].argmax(dim=0))
+            vis = video_visualizer.draw_sem_seg(rgb, _class_ids(predictions["sem_seg"]))
         else:
             return frame
         return cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)

@@ -16,7 +16,7 @@ from detectron2.utils.memory import retry_if_cuda_oom
 from torch import Tensor, nn
 
 from .backbone.fold_bn import fold_frozen_batchnorm
-from .postprocessing import MaskLogitRows, postprocess_masks
+from .postprocessing import MaskLogitRows, postprocess_masks, semantic_labels
 from .precision import check_precision, full_precision, inference_precision, precision_dtype
 
 logger = logging.getLogger(__name__)
@@ -146,6 +146,10 @@ class MaskFormer(nn.Module):
         self.test_topk_per_image = test_topk_per_image
         self.precision = precision
         self.precision_dtype = precision_dtype(precision)
+        # Set by callers that only need class ids (e.g. to draw them): ``sem_seg`` is then the
+        # (height, width) int64 argmax over classes, and no (K, height, width) probabilities are
+        # ever held (they are ~13 GB for 133 classes at 6000x4000).
+        self.semantic_labels = False
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
@@ -310,13 +314,19 @@ class MaskFormer(nn.Module):
                 thing_ids=self.thing_ids,
                 things_only=self.panoptic_on,
             )
+        labels = self.semantic_labels and resize_first
         result = retry_if_cuda_oom(postprocess_masks)(
-            mask_cls, masks, semantic=self.semantic_on, panoptic=panoptic, instance=instance
+            mask_cls, masks, semantic=self.semantic_on, panoptic=panoptic, instance=instance,
+            semantic_labels=labels,
         )
         if self.semantic_on and not resize_first:
-            result["sem_seg"] = retry_if_cuda_oom(_resize_output)(
-                result["sem_seg"], image_size, height, width
-            )
+            # (K, h, w) at the image's size -> the requested size.
+            if self.semantic_labels:
+                result["sem_seg"] = retry_if_cuda_oom(semantic_labels)(result["sem_seg"], (height, width))
+            else:
+                result["sem_seg"] = retry_if_cuda_oom(_resize_output)(
+                    result["sem_seg"], image_size, height, width
+                )
         return {k: result[k] for k in ("sem_seg", "panoptic_seg", "instances") if k in result}
 
     def prepare_targets(self, targets: List[Instances], images: ImageList) -> List[Dict[str, Tensor]]:

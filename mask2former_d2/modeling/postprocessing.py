@@ -30,6 +30,7 @@ __all__ = [
     "MaskLogitRows",
     "postprocess_masks",
     "semantic_inference",
+    "semantic_labels",
     "panoptic_inference",
     "instance_inference",
     "masks_to_boxes",
@@ -174,24 +175,56 @@ class _Semantic:
     def __init__(self, mask_cls: Tensor, shape, dtype):
         _, h, w = shape
         self.cls_prob_t = F.softmax(mask_cls, dim=-1)[:, :-1].t().contiguous().to(dtype)  # (K, Q)
-        self.out = mask_cls.new_empty((self.cls_prob_t.shape[0], h, w), dtype=dtype)
+        self.out = self._new_output(h, w, dtype)
         pixels = _SEMANTIC_PIXELS.get(mask_cls.device.type)
         self.step = max(1, pixels // max(w, 1)) if pixels else h
 
+    def _new_output(self, h: int, w: int, dtype) -> Tensor:
+        return self.cls_prob_t.new_empty((self.cls_prob_t.shape[0], h, w), dtype=dtype)
+
     def update(self, r0, r1, logits, prob):
-        k, q = self.out.shape[0], prob.shape[2]
+        q = prob.shape[2]
         for a in range(0, r1 - r0, self.step):
             b = min(r1 - r0, a + self.step)
-            # Rows [a, b) of every class are one (K, rows*W) block with row stride H*W, written
-            # in place by BLAS; the query-last probabilities are its transposed operand.
-            torch.mm(
-                self.cls_prob_t,
-                prob[a:b].reshape(-1, q).t(),
-                out=self.out[:, r0 + a : r0 + b].view(k, -1),
-            )
+            # The query-last probabilities of rows [a, b) are the transposed operand.
+            self._block(r0 + a, r0 + b, prob[a:b].reshape(-1, q).t())
+
+    def _block(self, r0: int, r1: int, prob_t: Tensor) -> None:
+        # Rows [r0, r1) of every class are one (K, rows*W) block with row stride H*W, written in
+        # place by BLAS.
+        k = self.out.shape[0]
+        torch.mm(self.cls_prob_t, prob_t, out=self.out[:, r0:r1].view(k, -1))
 
     def finish(self) -> Tensor:
         return self.out
+
+
+class _SemanticLabels(_Semantic):
+    """The argmax over classes of :class:`_Semantic`'s probabilities, (H, W) int64 class ids;
+    only one block of the probabilities exists at a time."""
+
+    def _new_output(self, h: int, w: int, dtype) -> Tensor:
+        return torch.empty((h, w), dtype=torch.int64, device=self.cls_prob_t.device)
+
+    def _block(self, r0: int, r1: int, prob_t: Tensor) -> None:
+        self.out[r0:r1] = torch.mm(self.cls_prob_t, prob_t).argmax(0).view(r1 - r0, -1)
+
+
+def semantic_labels(sem_seg: Tensor, output_size: Tuple[int, int]) -> Tensor:
+    """``sem_seg_postprocess``-style bilinear resize of (K, h, w) probabilities to
+    ``output_size`` followed by the argmax over classes, a band of output rows at a time: (H, W)
+    int64 class ids, without the (K, H, W) probabilities (ties and float rounding aside, equal to
+    ``resize(sem_seg).argmax(0)``)."""
+    k, h, w = sem_seg.shape
+    if (h, w) == tuple(output_size):
+        return sem_seg.argmax(0)
+    rows = MaskLogitRows(sem_seg, (h, w), (h, w), output_size)
+    out = torch.empty(tuple(output_size), dtype=torch.int64, device=sem_seg.device)
+    step = _band_rows(k, output_size[0], output_size[1], sem_seg.device)
+    for r0 in range(0, output_size[0], step):
+        r1 = min(output_size[0], r0 + step)
+        out[r0:r1] = rows.rows(r0, r1).argmax(-1)
+    return out
 
 
 class _Panoptic:
@@ -231,10 +264,8 @@ class _Panoptic:
         self.seg += torch.bincount(winner[confident], minlength=self.n)
 
     def finish(self) -> Tuple[Tensor, List[Dict]]:
-        h, w = self.winner.shape
-        panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=self.winner.device)
         if self.n == 0:
-            return panoptic_seg, []
+            return torch.zeros(self.winner.shape, dtype=torch.int32, device=self.winner.device), []
         # The segment bookkeeping needs a handful of scalars per query: one transfer.
         stats = torch.stack([self.classes, self.won, self.own, self.seg]).tolist()
         thing_set = set(int(t) for t in self.thing_ids)
@@ -254,7 +285,9 @@ class _Panoptic:
             segment_of_query[k] = seg_id
             segments_info.append({"id": seg_id, "isthing": isthing, "category_id": cls})
         lut = torch.tensor(segment_of_query, dtype=torch.int32, device=self.winner.device)
-        panoptic_seg = torch.where(self.confident, lut[self.winner], panoptic_seg)
+        # where(confident, lut[winner], 0) with a single (H, W) int32 tensor.
+        panoptic_seg = lut[self.winner]
+        panoptic_seg.masked_fill_(self.confident.logical_not_(), 0)
         return panoptic_seg, segments_info
 
 
@@ -371,6 +404,7 @@ def postprocess_masks(
     semantic: bool = False,
     panoptic: Optional[Dict] = None,
     instance: Optional[Dict] = None,
+    semantic_labels: bool = False,
 ) -> Dict[str, object]:
     """Semantic, panoptic and instance outputs of one image in a single pass over its masks.
 
@@ -380,6 +414,9 @@ def postprocess_masks(
         semantic: compute ``sem_seg`` (see :func:`semantic_inference`).
         panoptic: keyword arguments of :func:`panoptic_inference` to compute ``panoptic_seg``.
         instance: keyword arguments of :func:`instance_inference` to compute ``instances``.
+        semantic_labels: with ``semantic``, ``sem_seg`` is the (H, W) int64 argmax over classes
+            of the probabilities instead, computed without holding them (for callers that only
+            draw or store the labels, e.g. on large images).
 
     Returns:
         dict with the requested ``sem_seg``, ``panoptic_seg`` and ``instances``.
@@ -388,7 +425,8 @@ def postprocess_masks(
     mask_cls = mask_cls.to(source.device)
     outputs: Dict[str, object] = {}
     if semantic:
-        outputs["sem_seg"] = _Semantic(mask_cls, source.shape, source.dtype)
+        semantic_cls = _SemanticLabels if semantic_labels else _Semantic
+        outputs["sem_seg"] = semantic_cls(mask_cls, source.shape, source.dtype)
     if panoptic is not None:
         outputs["panoptic_seg"] = _Panoptic(mask_cls, source.shape, **panoptic)
     if instance is not None:

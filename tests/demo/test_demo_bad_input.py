@@ -1,0 +1,92 @@
+"""demo/demo.py on a user's mistakes: one line (``demo.py: error: ...``, exit status 1) naming the
+argument or file and what is expected, before the model is built where possible."""
+import contextlib
+import importlib.util
+import io
+import os
+import tempfile
+import unittest
+
+import cv2
+import numpy as np
+import torch
+
+from ..common import ROOT, TINY_CONFIG
+from ..test_checkpoint import _torchvision_resnet_state_dict
+
+DEMO_SCRIPT = os.path.join(ROOT, "demo", "demo.py")
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("mask2former_d2_demo_bad_input", DEMO_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_demo()
+
+
+class TestDemoBadInput(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.image = os.path.join(cls.tmp.name, "image.jpg")
+        cv2.imwrite(cls.image, np.random.RandomState(0).randint(0, 256, (40, 60, 3), dtype=np.uint8))
+        cls.a_file = os.path.join(cls.tmp.name, "notes.txt")
+        with open(cls.a_file, "w") as f:
+            f.write("not a folder\n")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def error(self, *argv: str) -> str:
+        """What ``demo.py`` prints before exiting with status 1."""
+        stderr = io.StringIO()
+        with self.assertRaises(SystemExit) as ctx, contextlib.redirect_stderr(stderr):
+            demo.cli(["--config-file", TINY_CONFIG, *argv])
+        message = ctx.exception.code
+        self.assertIsInstance(message, str)
+        self.assertTrue(message.startswith("demo.py: error: "), message)
+        self.assertEqual(len(message.splitlines()), 1, message)
+        self.assertNotIn("Traceback", stderr.getvalue())
+        return message[len("demo.py: error: "):]
+
+    def test_confidence_threshold_outside_0_1(self):
+        for value in ("5", "-1", "nan"):
+            with self.subTest(value=value):
+                message = self.error("--input", self.image, "--output", self.tmp.name + "/out/",
+                                     "--confidence-threshold", value)
+                self.assertEqual(message, f"--confidence-threshold must be a score in [0, 1]; got {value}")
+
+    def test_output_under_a_file(self):
+        for output in (os.path.join(self.a_file, "x.jpg"), os.path.join(self.a_file, "sub", "dir/")):
+            with self.subTest(output=output):
+                message = self.error("--input", self.image, "--output", output)
+                self.assertEqual(message, f"--output {output}: {self.a_file} is a file, but a folder is needed there")
+        video_out = os.path.join(self.a_file, "clip.mp4")
+        with self.assertRaisesRegex(demo.DemoError, f"{self.a_file} is a file, but a folder is needed there"):
+            demo.video_output_path(video_out, "clip.avi")
+
+    def test_unknown_meta_architecture_and_dataset(self):
+        message = self.error("--input", self.image, "--output", self.tmp.name + "/out/",
+                             "--opts", "MODEL.META_ARCHITECTURE", "MaskFormr")
+        self.assertIn("MODEL.META_ARCHITECTURE: unknown name 'MaskFormr'; did you mean MaskFormer?", message)
+        message = self.error("--input", self.image, "--output", self.tmp.name + "/out/",
+                             "--opts", "DATASETS.TEST", "('coco_2017_val_panoptc',)")
+        self.assertIn("unknown dataset 'coco_2017_val_panoptc'; did you mean coco_2017_val_panoptic", message)
+
+    def test_torchvision_weights(self):
+        # Was: ~150 "not found" warnings, then exit 0 with a drawing of a random model.
+        path = os.path.join(self.tmp.name, "resnet18.pth")
+        torch.save(_torchvision_resnet_state_dict(), path)
+        out = os.path.join(self.tmp.name, "tv_out/")
+        message = self.error("--input", self.image, "--output", out, "--opts", "MODEL.WEIGHTS", path)
+        self.assertIn(f"{path} is a torchvision ImageNet classification checkpoint", message)
+        self.assertIn("tools/convert_torchvision_to_d2.py", message)
+        self.assertFalse(os.listdir(out))  # nothing drawn
+
+
+if __name__ == "__main__":
+    unittest.main()
