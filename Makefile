@@ -10,7 +10,7 @@ quickstart: setup
 	$(PY) tools/quickstart.py --output output/quickstart
 
 quickstart-video: setup
-	$(PY) tools/quickstart_video.py --output output/quickstart_video
+	$(PY) tools/quickstart.py --video --output output/quickstart_video
 
 test: setup
 	.venv/bin/ruff check .

@@ -1,4 +1,5 @@
-"""The video quick-start end to end with a few iterations: generate, train, evaluate, demo video.
+"""The video quick-start (tools/quickstart.py --video) end to end with a few iterations: generate,
+train, evaluate, demo video.
 Its in-process AP must equal the standalone evaluator's on the results file it wrote."""
 import json
 import os
@@ -21,7 +22,7 @@ def _run(args, timeout):
 class TestQuickstartVideo(unittest.TestCase):
     def test_generate_train_evaluate_demo(self):
         with tempfile.TemporaryDirectory() as out:
-            stdout = _run([os.path.join(ROOT, "tools", "quickstart_video.py"), "--output", out, "--iters", "4",
+            stdout = _run([os.path.join(ROOT, "tools", "quickstart.py"), "--video", "--output", out, "--iters", "4",
                            "SOLVER.IMS_PER_BATCH", "2"], timeout=900)
             self.assertIn("== video quick-start results", stdout)
             with open(os.path.join(out, "summary.json")) as f:
