@@ -5,7 +5,7 @@ import torch
 
 from mask2former_d2.export.ms_deform_attn import GridSampleMSDeformAttn, grid_sample_ms_deform_attn
 from mask2former_d2.layers import MSDeformAttn
-from tests.test_ms_deform_attn import naive_ms_deform_attn
+from tests.layers.test_ms_deform_attn import naive_ms_deform_attn
 
 SIZES = [(5, 7), (3, 4), (2, 2)]
 

@@ -11,7 +11,7 @@ import torch
 from detectron2.modeling import build_model
 
 from mask2former_d2 import get_maskformer_cfg
-from tests.test_configs import _flatten, _UniqueKeyLoader, load_yaml, raw_chain
+from tests.test_config_files import _flatten, _UniqueKeyLoader, load_yaml, raw_chain
 
 ROOT = Path(__file__).resolve().parents[3] / "configs"
 RUN_SLOW = bool(os.environ.get("M2F_SLOW"))
