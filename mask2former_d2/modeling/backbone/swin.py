@@ -13,7 +13,6 @@ stage i, ``norm{i}`` per output), so the published Mask2Former Swin checkpoints 
 """
 
 import logging
-import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -410,7 +409,8 @@ class SwinStage(nn.Module):
         if self.shift_size > 0 and len(self.blocks) > 1:
             # One mask per stage and forward pass, shared by every shifted block of the stage.
             ws = self.window_size
-            hp, wp = math.ceil(h / ws) * ws, math.ceil(w / ws) * ws
+            # Integer ceil: with symbolic sizes (torch.export) a float ceil would become a constant.
+            hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
             mask = shifted_window_mask(hp, wp, ws, self.shift_size, device=x.device)
         checkpointing = self.use_checkpoint and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
