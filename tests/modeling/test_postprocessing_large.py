@@ -113,6 +113,7 @@ class TestDemoDrawsWithoutFullProbabilities(unittest.TestCase):
         panoptic = torch.zeros(h, w, dtype=torch.int32)
         panoptic[10:60, 20:90] = 1
         panoptic[70:110, 30:150] = 2
+        panoptic[80:100, 60:80] = 0  # a hole: Detectron2 draws this mask with imshow
         segments = [{"id": 1, "isthing": True, "category_id": 0}, {"id": 2, "isthing": False, "category_id": 3}]
         metadata = MetadataCatalog.get("coco_2017_val_panoptic")
         for mode in (ColorMode.IMAGE, ColorMode.IMAGE_BW):
