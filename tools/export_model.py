@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from typing import Optional, Sequence
 
@@ -154,11 +153,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
     """Runs :func:`main`; a bad file, key or value becomes one line on stderr and exit status 1."""
-    try:
-        status = main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"export_model: error: {e}")
-    sys.exit(status)
+    from mask2former_d2.engine.launch import run_cli
+
+    run_cli(main, argv, "export_model", (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":
