@@ -39,7 +39,8 @@ import shlex
 import subprocess
 import sys
 import time
-from collections import defaultdict
+
+from _common import time_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(
@@ -78,26 +79,8 @@ def _measure(args) -> dict:
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8).float()
     inputs = [{"image": image, "height": h, "width": w}]
 
-    times = defaultdict(float)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-
-    def timed(name, obj, method):
-        inner = getattr(obj, method)
-
-        def wrapper(*a, **k):
-            sync()
-            t = time.perf_counter()
-            out = inner(*a, **k)
-            sync()
-            times[name] += time.perf_counter() - t
-            return out
-
-        setattr(obj, method, wrapper)  # instance attribute: shadows the bound method
-
-    timed("backbone", model.backbone, "forward")
-    # The head calls the pixel decoder's forward_features, not its forward.
-    timed("pixel_decoder", model.sem_seg_head.pixel_decoder, "forward_features")
-    timed("transformer_decoder", model.sem_seg_head.predictor, "forward")
+    times = time_stages(model, sync)
     runs = []
     with torch.no_grad():
         warm = model(inputs)[0]  # warm-up

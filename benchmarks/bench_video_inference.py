@@ -23,7 +23,8 @@ import shlex
 import subprocess
 import sys
 import time
-from collections import defaultdict
+
+from _common import time_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "youtubevis_2019", "video_maskformer2_R50_bs16_8ep.yaml")
@@ -54,22 +55,7 @@ def _measure(args) -> dict:
     g = torch.Generator().manual_seed(0)
     frames = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g).float() for _ in range(args.frames)]
 
-    times = defaultdict(float)
-
-    def timed(name, obj, method):
-        inner = getattr(obj, method)
-
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            out = inner(*a, **k)
-            times[name] += time.perf_counter() - t
-            return out
-
-        setattr(obj, method, wrapper)  # instance attribute: shadows the bound method
-
-    timed("backbone", model.backbone, "forward")
-    timed("pixel_decoder", model.sem_seg_head.pixel_decoder, "forward_features")
-    timed("transformer_decoder", model.sem_seg_head.predictor, "forward")
+    times = time_stages(model)
     with torch.no_grad():
         model([{"image": frames[:2], "height": h, "width": w}])  # warm-up
         runs = []

@@ -36,6 +36,7 @@ from detectron2.utils.logger import setup_logger
 
 from mask2former_d2 import get_maskformer_cfg
 from mask2former_d2.config import validate_cfg
+from mask2former_d2.engine.launch import run_cli
 from mask2former_d2.modeling.precision import check_precision
 from mask2former_d2.predictor import Predictor, VisualizationDemo
 
@@ -396,11 +397,16 @@ def run_video(
     return count
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
+def setup_loggers() -> None:
+    """fvcore's, Detectron2's and this package's log messages to the console (both demos)."""
     setup_logger(name="fvcore")
     setup_logger(name="detectron2")
     setup_logger(name="mask2former_d2", abbrev_name="m2f")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    setup_loggers()
     logger.info(f"arguments: {args}")
     if not 0.0 <= args.confidence_threshold <= 1.0:  # also rejects nan
         raise DemoError(
@@ -453,11 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def cli(argv: Optional[Sequence[str]] = None) -> None:
     """Runs :func:`main` and exits; a :class:`DemoError` becomes one line on stderr and exit
     status 1, without a traceback."""
-    try:
-        status = main(argv)
-    except DemoError as e:
-        sys.exit(f"demo.py: error: {e}")
-    sys.exit(status)
+    run_cli(main, argv, "demo.py", (DemoError,))
 
 
 if __name__ == "__main__":

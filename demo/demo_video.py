@@ -16,14 +16,12 @@ import argparse
 import logging
 import math
 import os
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import tqdm
 from detectron2.data.detection_utils import read_image
-from detectron2.utils.logger import setup_logger
 
 from demo import (  # the image demo beside this file: its argument checks and video I/O
     _PROGRESS_FORMAT,
@@ -32,8 +30,10 @@ from demo import (  # the image demo beside this file: its argument checks and v
     open_video_file,
     open_video_writer,
     setup_cfg,
+    setup_loggers,
     video_output_path,
 )
+from mask2former_d2.engine.launch import run_cli
 from mask2former_d2.video_predictor import VideoVisualizationDemo
 
 logger = logging.getLogger("mask2former_d2.demo")
@@ -94,9 +94,7 @@ def read_frames(paths: Sequence[str]) -> List[np.ndarray]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
-    setup_logger(name="fvcore")
-    setup_logger(name="detectron2")
-    setup_logger(name="mask2former_d2", abbrev_name="m2f")
+    setup_loggers()
     if not 0.0 <= args.confidence_threshold <= 1.0:  # also rejects nan
         raise DemoError(f"--confidence-threshold must be in [0, 1]; got {args.confidence_threshold}")
     if args.window_size < 0:
@@ -147,11 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
     """Runs :func:`main`; a user error becomes one line on stderr and exit status 1."""
-    try:
-        status = main(argv)
-    except (DemoError, ValueError) as e:
-        sys.exit(f"demo_video.py: error: {e}")
-    sys.exit(status)
+    run_cli(main, argv, "demo_video.py", (DemoError, ValueError))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ published default, so published YAML files merge unchanged (after Detectron2's
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_maskformer2_config", "add_maskformer2_video_config", "get_maskformer_cfg", "validate_cfg"]
+__all__ = [
+    "add_maskformer2_config", "add_maskformer2_video_config", "get_cpu_tool_cfg", "get_maskformer_cfg", "validate_cfg",
+]
 
 
 def add_maskformer2_config(cfg: CN) -> None:
@@ -195,6 +197,23 @@ def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
     from .modeling.precision import precision_dtype
 
     precision_dtype(cfg.MODEL.MASK_FORMER.TEST.PRECISION)  # ValueError naming the key
+    return cfg
+
+
+def get_cpu_tool_cfg(config_file: str, opts=(), **model_overrides) -> CN:
+    """:func:`get_maskformer_cfg` for a command-line tool that runs on the CPU: an unknown key
+    raises ``ValueError`` (one line naming it, like the other user errors) instead of
+    ``KeyError``; ``MODEL.DEVICE`` is "cpu" and each ``MODEL.<KEY>=value`` of ``model_overrides``
+    is set."""
+    try:
+        cfg = get_maskformer_cfg(config_file, opts)
+    except KeyError as e:  # unknown config key: the message names it and suggests others
+        raise ValueError(e.args[0] if e.args else str(e)) from None
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    for key, value in model_overrides.items():
+        setattr(cfg.MODEL, key, value)
+    cfg.freeze()
     return cfg
 
 

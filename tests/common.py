@@ -8,6 +8,12 @@ images and annotations, video clips), ``$M2F_DATA`` or ``../shared/data`` beside
 import importlib.util
 import math
 import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import unittest
+from collections import OrderedDict
 from types import ModuleType
 from typing import List, Sequence, Tuple
 
@@ -30,6 +36,71 @@ def load_script(relpath: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def check_parity_fixtures(test: unittest.TestCase, tool: str, fixtures: Sequence[str]) -> None:
+    """Runs ``tool check --fixture F`` (a parity tool of ``SHARED/tools``) for each fixture folder,
+    as a developer would, with this checkout's package first on ``PYTHONPATH``; each must exit 0
+    and print ``PARITY OK``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    for fixture in fixtures:
+        with test.subTest(fixture=os.path.basename(fixture)):
+            proc = subprocess.run(
+                [sys.executable, str(tool), "check", "--fixture", str(fixture)],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+            )
+            out = proc.stdout + proc.stderr
+            test.assertEqual(proc.returncode, 0, out[-4000:])
+            test.assertIn("PARITY OK", proc.stdout, out[-4000:])
+
+
+def save_checkpoint(model: torch.nn.Module, save_dir: str, fmt: str) -> str:
+    """Writes ``model``'s weights into ``save_dir``; returns the file. ``fmt="pth"``: Detectron2's
+    checkpointer (tensors, with ``_metadata``); ``fmt="pkl"``: the model-zoo layout (numpy arrays,
+    no ``_metadata``, ``matching_heuristics`` False)."""
+    if fmt == "pth":
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        DetectionCheckpointer(model, save_dir=save_dir).save("model")
+        return os.path.join(save_dir, "model.pth")
+    if fmt != "pkl":
+        raise ValueError(f"fmt={fmt!r}; expected 'pth' or 'pkl'")
+    sd = OrderedDict((k, v.numpy()) for k, v in model.state_dict().items())
+    assert not hasattr(sd, "_metadata")
+    path = os.path.join(save_dir, "model.pkl")
+    with open(path, "wb") as f:
+        pickle.dump({"model": sd, "__author__": "test", "matching_heuristics": False}, f)
+    return path
+
+
+def check_training_losses(test: unittest.TestCase, model: torch.nn.Module, losses: dict, num_aux: int) -> None:
+    """Asserts that ``losses`` holds exactly the classification, mask and dice losses and their
+    ``num_aux`` auxiliary copies (suffixes ``_0`` .. ``_{num_aux-1}``), that their sum is finite,
+    and that its backward pass reaches every trainable parameter of ``model``."""
+    expected = {"loss_ce", "loss_mask", "loss_dice"}
+    expected |= {f"{k}_{i}" for k in list(expected) for i in range(num_aux)}
+    test.assertEqual(set(losses), expected)
+    total = sum(losses.values())
+    test.assertTrue(torch.isfinite(total))
+    total.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    test.assertEqual(no_grad, [])
+
+
+class CheckpointFormatsMixin:
+    """Mixed into a ``unittest.TestCase`` with a ``model`` attribute and a ``check_checkpoint(path)``
+    method that loads ``path`` into a fresh model and asserts it matches ``model``: runs that check
+    on the model's weights saved in both formats of :func:`save_checkpoint`."""
+
+    def test_pth_with_metadata(self):
+        with tempfile.TemporaryDirectory() as d:
+            self.check_checkpoint(save_checkpoint(self.model, d, "pth"))
+
+    def test_pkl_without_metadata(self):
+        # Model-zoo layout: numpy arrays, no _metadata (the published code drops every
+        # pixel-decoder weight here).
+        with tempfile.TemporaryDirectory() as d:
+            self.check_checkpoint(save_checkpoint(self.model, d, "pkl"))
 
 
 def new_cfg(**sections):

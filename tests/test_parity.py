@@ -4,8 +4,6 @@ Runs ``../shared/tools/parity.py check`` exactly as a developer would: it builds
 the fixture's config, loads the released-format checkpoint through Detectron2's checkpointer
 (strict key matching) and compares semantic, panoptic and instance outputs.
 """
-import subprocess
-import sys
 import unittest
 from pathlib import Path
 
@@ -22,19 +20,7 @@ FIXTURES = sorted((SHARED / "fixtures" / "parity").glob("*/weights.pkl"))
 )
 class TestParity(unittest.TestCase):
     def test_fixtures(self):
-        for weights in FIXTURES:
-            fixture = weights.parent
-            with self.subTest(fixture=fixture.name):
-                proc = subprocess.run(
-                    [sys.executable, str(SHARED / "tools" / "parity.py"), "check", "--fixture", str(fixture)],
-                    cwd=common.ROOT,
-                    capture_output=True,
-                    text=True,
-                    timeout=600,
-                )
-                out = proc.stdout + proc.stderr
-                self.assertEqual(proc.returncode, 0, out[-4000:])
-                self.assertIn("PARITY OK", proc.stdout, out[-4000:])
+        common.check_parity_fixtures(self, SHARED / "tools" / "parity.py", [w.parent for w in FIXTURES])
 
 
 if __name__ == "__main__":

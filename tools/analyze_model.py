@@ -293,18 +293,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from detectron2.modeling import build_model
 
-    from mask2former_d2 import get_maskformer_cfg
+    from mask2former_d2.config import get_cpu_tool_cfg
 
     try:
-        cfg = get_maskformer_cfg(args.config_file, args.opts)
-    except KeyError as e:  # unknown config key: the message names it and suggests others
-        sys.exit(f"analyze_model: {e.args[0] if e.args else e}")
+        cfg = get_cpu_tool_cfg(args.config_file, args.opts, WEIGHTS="")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"analyze_model: {e}")
-    cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.freeze()
     size = tuple(args.size) if args.size else (cfg.INPUT.MIN_SIZE_TEST,) * 2
     model = build_model(cfg).eval()
     result = analyze(model, args.tasks, size)

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from typing import Optional, Sequence
 
@@ -93,18 +92,12 @@ def _sample(predictor, path: Optional[str], cfg) -> torch.Tensor:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from mask2former_d2 import get_maskformer_cfg
+    from mask2former_d2.config import get_cpu_tool_cfg
     from mask2former_d2.export import ExportableMaskFormer, check_exportable
     from mask2former_d2.export.exporter import export_metadata, export_onnx, export_program, trace
     from mask2former_d2.predictor import Predictor
 
-    try:
-        cfg = get_maskformer_cfg(args.config_file, args.opts)
-    except KeyError as e:  # unknown config key: the message names it
-        raise ValueError(e.args[0] if e.args else str(e)) from None
-    cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
+    cfg = get_cpu_tool_cfg(args.config_file, args.opts)
     if args.format == "onnx":
         try:
             import onnx  # noqa: F401
@@ -154,11 +147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
     """Runs :func:`main`; a bad file, key or value becomes one line on stderr and exit status 1."""
-    try:
-        status = main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"export_model: error: {e}")
-    sys.exit(status)
+    from mask2former_d2.engine.launch import run_cli
+
+    run_cli(main, argv, "export_model", (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

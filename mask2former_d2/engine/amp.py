@@ -66,15 +66,9 @@ class MaskFormerAMPTrainer(AMPTrainer):
             scaled = self.device_type == "cuda" and precision == torch.float16
             grad_scaler = torch.amp.GradScaler(self.device_type, enabled=scaled)
         super().__init__(
-            model,
-            data_loader,
-            optimizer,
-            gather_metric_period=gather_metric_period,
-            zero_grad_before_forward=zero_grad_before_forward,
-            grad_scaler=grad_scaler,
-            precision=precision,
-            log_grad_scaler=log_grad_scaler,
-            async_write_metrics=async_write_metrics,
+            model, data_loader, optimizer, gather_metric_period=gather_metric_period,
+            zero_grad_before_forward=zero_grad_before_forward, grad_scaler=grad_scaler, precision=precision,
+            log_grad_scaler=log_grad_scaler, async_write_metrics=async_write_metrics,
         )
 
     def run_step(self) -> None:

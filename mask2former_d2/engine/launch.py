@@ -7,6 +7,7 @@ impossible value) is reported by :func:`launch_main` as one line naming it, with
 import os
 import sys
 import time
+from typing import Callable, NoReturn, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from ..config import get_maskformer_cfg, validate_cfg
 from ..evaluation import check_evaluation
 from ..modeling.precision import check_precision
 
-__all__ = ["USER_ERRORS", "default_argument_parser", "setup", "main", "launch_main"]
+__all__ = ["USER_ERRORS", "default_argument_parser", "setup", "main", "launch_main", "run_cli"]
 
 # Exceptions that report a user's mistake in one line (config keys, values, files).
 USER_ERRORS = (ValueError, KeyError, OSError)
@@ -153,6 +154,21 @@ def _error_line(e: BaseException) -> str:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     prog = os.path.basename(sys.argv[0]) or "train_net.py"
     return f"{prog}: error: {message} (--debug shows the traceback)"
+
+
+def run_cli(
+    main_fn: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]], prog: str,
+    errors: Tuple[Type[BaseException], ...],
+) -> NoReturn:
+    """Runs ``main_fn(argv)`` and exits with the status it returns; one of ``errors`` (a user's
+    mistake) becomes the one line ``{prog}: error: {message}`` on stderr and exit status 1,
+    without a traceback. For the scripts that take a ``main(argv)`` rather than Detectron2's
+    ``main(args)`` (demos, tools)."""
+    try:
+        status = main_fn(argv)
+    except errors as e:
+        sys.exit(f"{prog}: error: {e}")
+    sys.exit(status)
 
 
 def launch_main(args, main_fn):

@@ -349,11 +349,18 @@ class TestMissingFiles(unittest.TestCase):
                 self.assertIn(datasets_root(), str(ctx.exception))
 
 
+def _class_tmpdir(cls) -> str:
+    """A temporary folder for the test class ``cls``, removed after its last test."""
+    tmp = tempfile.mkdtemp()
+    cls.addClassCleanup(shutil.rmtree, tmp)
+    return tmp
+
+
 @NEEDS_DATA
 class TestCocoPanopticWithSemSeg(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp()
+        cls.tmp = _class_tmpdir(cls)
         coco_dir = Path(cls.tmp) / "coco"
         for sub in ("val2017", "panoptic_val2017"):
             link(DATA / "coco" / sub, coco_dir / sub)
@@ -363,10 +370,6 @@ class TestCocoPanopticWithSemSeg(unittest.TestCase):
         cls.first_run = cls.script.main(["--root", cls.tmp])
         with open(DATA / "coco" / "annotations" / "panoptic_val2017.json") as f:
             cls.panoptic = json.load(f)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp)
 
     def test_semantic_pngs_follow_the_panoptic_json(self):
         self.assertEqual(self.first_run, [(2, 0)])
@@ -426,7 +429,7 @@ class TestAde20k(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp()
+        cls.tmp = _class_tmpdir(cls)
         cls.base = Path(cls.tmp) / "ADEChallengeData2016"
         src = DATA / "ADEChallengeData2016"
         link(src / "images" / "validation", cls.base / "images" / "validation")
@@ -438,10 +441,6 @@ class TestAde20k(unittest.TestCase):
         cls.sem_run = cls.sem_script.main(["--root", cls.tmp, "--splits", "validation"])
         cls.pan_run = cls.pan_script.main(["--root", cls.tmp, "--splits", "val"])
         cls.ins_run = cls.ins_script.main(["--root", cls.tmp, "--splits", "val"])
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp)
 
     @classmethod
     def _derive_instance_annotations(cls, semantic_dir: Path) -> Dict[str, int]:
@@ -578,15 +577,11 @@ class TestAde20k(unittest.TestCase):
 class TestAde20kFull(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp()
+        cls.tmp = _class_tmpdir(cls)
         cls.base = Path(cls.tmp) / "ADE20K_2021_17_01"
         link(DATA / "ADE20K_2021_17_01" / "images", cls.base / "images")
         cls.script = load_script("prepare_ade20k_full_sem_seg")
         cls.first_run = cls.script.main(["--root", cls.tmp, "--splits", "training"])
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp)
 
     def test_label_decoding_against_a_naive_lookup(self):
         seg_file = next((DATA / "ADE20K_2021_17_01").rglob("ADE_train_00016964_seg.png"))

@@ -614,16 +614,9 @@ class TestSemanticADE20K(unittest.TestCase):
 
     def test_config_pipeline_with_crop(self):
         cfg = _cfg(
-            DATASET_MAPPER_NAME="mask_former_semantic",
-            MIN_SIZE_TRAIN=(160, 192),
-            MIN_SIZE_TRAIN_SAMPLING="choice",
-            MAX_SIZE_TRAIN=640,
-            CROP__ENABLED=True,
-            CROP__TYPE="absolute",
-            CROP__SIZE=(128, 128),
-            CROP__SINGLE_CATEGORY_MAX_AREA=0.9,
-            COLOR_AUG_SSD=True,
-            SIZE_DIVISIBILITY=128,
+            DATASET_MAPPER_NAME="mask_former_semantic", MIN_SIZE_TRAIN=(160, 192), MIN_SIZE_TRAIN_SAMPLING="choice",
+            MAX_SIZE_TRAIN=640, CROP__ENABLED=True, CROP__TYPE="absolute", CROP__SIZE=(128, 128),
+            CROP__SINGLE_CATEGORY_MAX_AREA=0.9, COLOR_AUG_SSD=True, SIZE_DIVISIBILITY=128,
         )
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 150
         mapper = build_dataset_mapper(cfg)

@@ -1,7 +1,6 @@
 """demo/demo.py on a user's mistakes: one line (``demo.py: error: ...``, exit status 1) naming the
 argument or file and what is expected, before the model is built where possible."""
 import contextlib
-import importlib.util
 import io
 import os
 import tempfile
@@ -11,20 +10,10 @@ import cv2
 import numpy as np
 import torch
 
-from ..common import ROOT, TINY_CONFIG
+from ..common import TINY_CONFIG, load_script
 from ..test_checkpoint import _torchvision_resnet_state_dict
 
-DEMO_SCRIPT = os.path.join(ROOT, "demo", "demo.py")
-
-
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("mask2former_d2_demo_bad_input", DEMO_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_demo()
+demo = load_script(os.path.join("demo", "demo.py"))
 
 
 class TestDemoBadInput(unittest.TestCase):

@@ -86,6 +86,20 @@ def _naive_fpn(dec, feats, top):
     return F.conv2d(y, dec.mask_features.weight, dec.mask_features.bias, padding=1), outs[:3]
 
 
+def _assert_fpn_close(mask_features, multi_scale, ref_mask, ref_scales, atol):
+    """The pixel decoder's mask features and multi-scale features equal the naive ones."""
+    torch.testing.assert_close(mask_features, ref_mask, atol=atol, rtol=1e-4)
+    for got, ref in zip(multi_scale, ref_scales):
+        torch.testing.assert_close(got, ref, atol=atol, rtol=1e-4)
+
+
+def _decoder_cfg(name, in_features):
+    """Mask2Former defaults with the tiny pixel decoder ``name`` on ``in_features``."""
+    return new_cfg(SEM_SEG_HEAD={
+        "PIXEL_DECODER_NAME": name, "IN_FEATURES": in_features, "CONVS_DIM": 32, "MASK_DIM": 16, "NORM": "GN",
+    })
+
+
 def _naive_sine_pos(h, w, channels):
     """Normalised sine position encoding (1, C, H, W)."""
     return naive_sine_pos(h, w, channels).permute(2, 0, 1)[None]
@@ -163,16 +177,10 @@ class TestBasePixelDecoder(unittest.TestCase):
         with torch.no_grad():
             mask_features, _, multi_scale = dec.forward_features(feats)
             ref_mask, ref_scales = _naive_fpn(dec, feats, feats["res5"])
-        torch.testing.assert_close(mask_features, ref_mask, atol=1e-5, rtol=1e-4)
-        for got, ref in zip(multi_scale, ref_scales):
-            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+        _assert_fpn_close(mask_features, multi_scale, ref_mask, ref_scales, atol=1e-5)
 
     def test_from_config_selects_in_features(self):
-        cfg = new_cfg()
-        head = cfg.MODEL.SEM_SEG_HEAD
-        head.PIXEL_DECODER_NAME = "BasePixelDecoder"
-        head.IN_FEATURES = ["res3", "res4", "res5"]
-        head.CONVS_DIM, head.MASK_DIM, head.NORM = 32, 16, "GN"
+        cfg = _decoder_cfg("BasePixelDecoder", ["res3", "res4", "res5"])
         dec = build_pixel_decoder(cfg, _input_shape())
         self.assertIsInstance(dec, BasePixelDecoder)
         self.assertEqual(dec.in_features, ["res3", "res4", "res5"])
@@ -228,17 +236,11 @@ class TestTransformerEncoderPixelDecoder(unittest.TestCase):
                     ref_mask, ref_scales = _naive_fpn(dec, feats, ref_encoded)
                 self.assertEqual(encoded.shape, (2, 32, 7, 8))
                 torch.testing.assert_close(encoded, ref_encoded, atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(mask_features, ref_mask, atol=1e-4, rtol=1e-4)
-                for got, ref in zip(multi_scale, ref_scales):
-                    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+                _assert_fpn_close(mask_features, multi_scale, ref_mask, ref_scales, atol=1e-4)
 
     def test_from_config(self):
-        cfg = new_cfg()
-        head = cfg.MODEL.SEM_SEG_HEAD
-        head.PIXEL_DECODER_NAME = "TransformerEncoderPixelDecoder"
-        head.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-        head.CONVS_DIM, head.MASK_DIM, head.NORM = 32, 16, "GN"
-        head.TRANSFORMER_ENC_LAYERS = 3
+        cfg = _decoder_cfg("TransformerEncoderPixelDecoder", ["res2", "res3", "res4", "res5"])
+        cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 3
         cfg.MODEL.MASK_FORMER.NHEADS = 4
         cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 64
         dec = build_pixel_decoder(cfg, _input_shape())

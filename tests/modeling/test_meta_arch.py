@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 
 from mask2former_d2.checkpoint import MaskFormerCheckpointer
 from mask2former_d2.config import get_maskformer_cfg
-from tests.common import make_inputs, tiny_cfg
+from tests.common import CheckpointFormatsMixin, check_training_losses, make_inputs, tiny_cfg
 
 
 def build(*opts):
@@ -99,16 +99,8 @@ class TestTraining(unittest.TestCase):
         model.train()
         with EventStorage():
             losses = model(make_inputs([(64, 96), (64, 95)], with_targets=True))
-        n_layers = 3  # DEC_LAYERS: prediction before the first layer + 2 layers
-        expected = {"loss_ce", "loss_mask", "loss_dice"}
-        for i in range(n_layers - 1):
-            expected |= {f"loss_ce_{i}", f"loss_mask_{i}", f"loss_dice_{i}"}
-        self.assertEqual(set(losses), expected)
-        total = sum(losses.values())
-        self.assertTrue(torch.isfinite(total))
-        total.backward()
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-        self.assertEqual(missing, [])
+        # DEC_LAYERS 3: the prediction before the first layer + 2 layers, all but the last auxiliary.
+        check_training_losses(self, model, losses, num_aux=2)
 
     def test_image_without_targets(self):
         model = build()
@@ -121,7 +113,7 @@ class TestTraining(unittest.TestCase):
         self.assertTrue(all(torch.isfinite(v) for v in losses.values()))
 
 
-class TestCheckpoints(unittest.TestCase):
+class TestCheckpoints(CheckpointFormatsMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.model = build().eval()
@@ -129,7 +121,7 @@ class TestCheckpoints(unittest.TestCase):
         with torch.no_grad():
             cls.reference = cls.model(cls.inputs)[0]["sem_seg"]
 
-    def _check_loaded(self, path):
+    def check_checkpoint(self, path):
         fresh = build("MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", 8).eval()
         torch.manual_seed(123)
         for p in fresh.parameters():
@@ -143,22 +135,6 @@ class TestCheckpoints(unittest.TestCase):
             got = fresh(self.inputs)[0]["sem_seg"]
         torch.testing.assert_close(got, self.reference)
 
-    def test_pth_with_metadata(self):
-        with tempfile.TemporaryDirectory() as d:
-            DetectionCheckpointer(self.model, save_dir=d).save("model")
-            self._check_loaded(os.path.join(d, "model.pth"))
-
-    def test_pkl_without_metadata(self):
-        # Model-zoo layout: numpy arrays, no _metadata (the published code drops every
-        # pixel-decoder weight here).
-        sd = OrderedDict((k, v.numpy()) for k, v in self.model.state_dict().items())
-        self.assertFalse(hasattr(sd, "_metadata"))
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "model.pkl")
-            with open(path, "wb") as f:
-                pickle.dump({"model": sd, "__author__": "test", "matching_heuristics": False}, f)
-            self._check_loaded(path)
-
     def test_version1_layout_is_upgraded(self):
         # First-release MaskFormer checkpoints hold pixel-decoder keys directly under the head.
         sd = OrderedDict()
@@ -168,7 +144,7 @@ class TestCheckpoints(unittest.TestCase):
             path = os.path.join(d, "v1.pkl")
             with open(path, "wb") as f:
                 pickle.dump({"model": sd, "__author__": "test"}, f)
-            self._check_loaded(path)
+            self.check_checkpoint(path)
 
     def test_wrong_architecture_is_an_error(self):
         other = build("MODEL.SEM_SEG_HEAD.CONVS_DIM", 64, "MODEL.SEM_SEG_HEAD.MASK_DIM", 64)

@@ -71,6 +71,11 @@ def _ln(x, norm):
     return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias)
 
 
+def _ffn(x, linear1, linear2):
+    """linear2(relu(linear1(x)))."""
+    return F.linear(F.relu(F.linear(x, linear1.weight, linear1.bias)), linear2.weight, linear2.bias)
+
+
 def _mlp(x, mlp):
     n = len(mlp.layers)
     for i, layer in enumerate(mlp.layers):
@@ -114,21 +119,13 @@ def _naive_mask2former_first_layer(dec, x, mask_features, pre_norm):
         t = _ln(tgt, sa.norm)
         tgt = tgt + _mha(sa.self_attn, t + qpos, t + qpos, t, heads)
         t = _ln(tgt, ff.norm)
-        tgt = tgt + F.linear(
-            F.relu(F.linear(t, ff.linear1.weight, ff.linear1.bias)),
-            ff.linear2.weight,
-            ff.linear2.bias,
-        )
+        tgt = tgt + _ffn(t, ff.linear1, ff.linear2)
     else:
         tgt = _ln(
             tgt + _mha(ca.multihead_attn, tgt + qpos, mem + pos, mem, heads, blocked), ca.norm
         )
         tgt = _ln(tgt + _mha(sa.self_attn, tgt + qpos, tgt + qpos, tgt, heads), sa.norm)
-        ffn = F.linear(
-            F.relu(F.linear(tgt, ff.linear1.weight, ff.linear1.bias)),
-            ff.linear2.weight,
-            ff.linear2.bias,
-        )
+        ffn = _ffn(tgt, ff.linear1, ff.linear2)
         tgt = _ln(tgt + ffn, ff.norm)
     return first, predict(tgt)
 
@@ -400,11 +397,7 @@ def _naive_detr(dec, x, mask_features):
     pos = _naive_sine_pos(h, w, src.shape[-1])
     for layer in tr.encoder.layers:
         src = _ln(src + _mha(layer.self_attn, src + pos, src + pos, src, heads), layer.norm1)
-        ffn = F.linear(
-            F.relu(F.linear(src, layer.linear1.weight, layer.linear1.bias)),
-            layer.linear2.weight,
-            layer.linear2.bias,
-        )
+        ffn = _ffn(src, layer.linear1, layer.linear2)
         src = _ln(src + ffn, layer.norm2)
     qpos = dec.query_embed.weight[:, None].repeat(1, b, 1)
     tgt = torch.zeros_like(qpos)
@@ -412,11 +405,7 @@ def _naive_detr(dec, x, mask_features):
     for layer in tr.decoder.layers:
         tgt = _ln(tgt + _mha(layer.self_attn, tgt + qpos, tgt + qpos, tgt, heads), layer.norm1)
         tgt = _ln(tgt + _mha(layer.multihead_attn, tgt + qpos, src + pos, src, heads), layer.norm2)
-        ffn = F.linear(
-            F.relu(F.linear(tgt, layer.linear1.weight, layer.linear1.bias)),
-            layer.linear2.weight,
-            layer.linear2.bias,
-        )
+        ffn = _ffn(tgt, layer.linear1, layer.linear2)
         tgt = _ln(tgt + ffn, layer.norm3)
         d = _ln(tgt, tr.decoder.norm).transpose(0, 1)
         logits = F.linear(d, dec.class_embed.weight, dec.class_embed.bias)

@@ -1,20 +1,17 @@
 """tools/export_model.py: a torch.export run end to end, and one-line errors for bad input."""
-import importlib.util
 import io
 import json
 import os
 import tempfile
 import unittest
 from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
 
 import torch
 from detectron2.modeling import build_model
 
 from mask2former_d2.export import ExportableMaskFormer, check_exportable
-from tests.common import TINY_CONFIG, tiny_cfg
+from tests.common import TINY_CONFIG, load_script, tiny_cfg
 
-_TOOL = Path(__file__).resolve().parents[2] / "tools" / "export_model.py"
 # The tiny test model of tests.common, as command-line overrides.
 TINY_OPTS = [
     "MODEL.WEIGHTS", "",
@@ -28,14 +25,7 @@ TINY_OPTS = [
 ]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("export_model", _TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_model = _load_tool()
+export_model = load_script(os.path.join("tools", "export_model.py"))
 
 
 class TestExportModelTool(unittest.TestCase):

@@ -2,29 +2,17 @@
 explanations of mask2former_d2.checkpoint), and a torchvision classification checkpoint called by
 its name with the converter to run, not "loads partially"."""
 import contextlib
-import importlib.util
 import io
 import os
 import tempfile
 import unittest
-from pathlib import Path
 
 import torch
 
-from ..common import TINY_CONFIG
+from ..common import TINY_CONFIG, load_script
 from ..test_checkpoint import _torchvision_resnet_state_dict
 
-_TOOL = Path(__file__).resolve().parents[2] / "tools" / "inspect_checkpoint.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("inspect_checkpoint", _TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inspect_checkpoint = _load_tool()
+inspect_checkpoint = load_script(os.path.join("tools", "inspect_checkpoint.py"))
 
 
 def _run(argv):

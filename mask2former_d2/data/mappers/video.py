@@ -153,16 +153,9 @@ class YTVISDatasetMapper(MaskFormerMapperBase):
 
     @configurable
     def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations: Sequence[AugmentationLike],
-        image_format: str,
-        sampling_frame_num: int = 2,
-        sampling_frame_range: int = 5,
-        sampling_frame_shuffle: bool = False,
-        clip_consistent: Optional[Sequence[bool]] = None,
-        **kwargs: Any,
+        self, is_train: bool = True, *, augmentations: Sequence[AugmentationLike], image_format: str,
+        sampling_frame_num: int = 2, sampling_frame_range: int = 5, sampling_frame_shuffle: bool = False,
+        clip_consistent: Optional[Sequence[bool]] = None, **kwargs: Any,
     ) -> None:
         """
         Args:

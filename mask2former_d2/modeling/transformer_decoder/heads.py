@@ -67,11 +67,24 @@ def input_projection(in_channels: int, hidden_dim: int, enforce: bool) -> nn.Mod
 class QueryHeadsMixin:
     """The prediction heads of a query decoder (an ``nn.Module`` mixin).
 
-    ``_init_query_heads`` registers ``class_embed`` (a linear layer to
+    ``from_config`` reads the shared constructor arguments and the decoder's own
+    (``_own_config``). ``_init_query_heads`` registers ``class_embed`` (a linear layer to
     K+1 logits, only with mask classification) and ``mask_embed`` (a 3-layer MLP to E
     channels), the checkpoint names. ``_pack_predictions`` turns per-layer predictions into
     the decoder output dict.
     """
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, in_channels: int, mask_classification: bool) -> Dict[str, Any]:
+        """:func:`decoder_config` plus the decoder's own arguments (``_own_config``)."""
+        ret = decoder_config(cfg, in_channels, mask_classification)
+        ret.update(cls._own_config(cfg.MODEL.MASK_FORMER))
+        return ret
+
+    @staticmethod
+    def _own_config(mf: CfgNode) -> Dict[str, Any]:
+        """The constructor arguments only this decoder reads from ``cfg.MODEL.MASK_FORMER``."""
+        return {}
 
     def _init_query_heads(
         self, hidden_dim: int, num_classes: int, mask_dim: int, mask_classification: bool

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from ...layers.pointwise_conv import is_channels_last
 from ..precision import full_precision, low_precision_inference
 from .build import TRANSFORMER_DECODER_REGISTRY
-from .heads import QueryHeadsMixin, check_num_heads, decoder_config, input_projection
+from .heads import QueryHeadsMixin, check_num_heads, input_projection
 from .layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from .position_encoding import PositionEmbeddingSine
 
@@ -116,20 +116,15 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
         )
         self._init_query_heads(hidden_dim, num_classes, mask_dim, mask_classification)
 
-    @classmethod
-    def from_config(
-        cls, cfg: CfgNode, in_channels: int, mask_classification: bool
-    ) -> Dict[str, Any]:
-        mf = cfg.MODEL.MASK_FORMER
+    @staticmethod
+    def _own_config(mf: CfgNode) -> Dict[str, Any]:
         if mf.DEC_LAYERS < 1:
             raise ValueError(
                 f"MODEL.MASK_FORMER.DEC_LAYERS={mf.DEC_LAYERS}; Mask2Former needs at least 1 "
                 "(the prediction from the learned queries counts as the first)"
             )
-        ret = decoder_config(cfg, in_channels, mask_classification)
         # One auxiliary loss per DEC_LAYERS: the learned queries give one prediction.
-        ret["num_layers"] = mf.DEC_LAYERS - 1
-        return ret
+        return {"num_layers": mf.DEC_LAYERS - 1}
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

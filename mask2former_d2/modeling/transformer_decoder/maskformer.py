@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .build import TRANSFORMER_DECODER_REGISTRY
-from .heads import QueryHeadsMixin, check_num_heads, decoder_config, input_projection
+from .heads import QueryHeadsMixin, check_num_heads, input_projection
 from .position_encoding import PositionEmbeddingSine
 from .transformer import Transformer
 
@@ -66,19 +66,14 @@ class StandardTransformerDecoder(QueryHeadsMixin, nn.Module):
         self.input_proj = input_projection(in_channels, hidden_dim, enforce_input_project)
         self._init_query_heads(hidden_dim, num_classes, mask_dim, mask_classification)
 
-    @classmethod
-    def from_config(
-        cls, cfg: CfgNode, in_channels: int, mask_classification: bool
-    ) -> Dict[str, Any]:
-        mf = cfg.MODEL.MASK_FORMER
-        ret = decoder_config(cfg, in_channels, mask_classification)
-        ret.update(
-            dropout=mf.DROPOUT,
-            enc_layers=mf.ENC_LAYERS,
-            dec_layers=mf.DEC_LAYERS,
-            deep_supervision=mf.DEEP_SUPERVISION,
-        )
-        return ret
+    @staticmethod
+    def _own_config(mf: CfgNode) -> Dict[str, Any]:
+        return {
+            "dropout": mf.DROPOUT,
+            "enc_layers": mf.ENC_LAYERS,
+            "dec_layers": mf.DEC_LAYERS,
+            "deep_supervision": mf.DEEP_SUPERVISION,
+        }
 
     def forward(
         self, x: Tensor, mask_features: Tensor, mask: Optional[Tensor] = None

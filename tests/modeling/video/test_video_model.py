@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
-from tests.common import tiny_cfg
+from tests.common import CheckpointFormatsMixin, check_training_losses, tiny_cfg
 from tests.modeling.video.common import build_video, make_clip
 
 
@@ -100,14 +100,14 @@ class TestInference(unittest.TestCase):
             self.model([{"image": torch.zeros(3, 8, 8)}])
 
 
-class TestCheckpoints(unittest.TestCase):
+class TestCheckpoints(CheckpointFormatsMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.model = build_video(seed=1).eval()
         cls.clip = make_clip(3, 64, 64)
         cls.ref = _run(cls.model, cls.clip)
 
-    def _check(self, path):
+    def check_checkpoint(self, path):
         fresh = build_video(seed=2).eval()
         inc = _load(fresh, path)
         self.assertEqual(list(inc.missing_keys), [])
@@ -116,20 +116,6 @@ class TestCheckpoints(unittest.TestCase):
         out = _run(fresh, self.clip)
         self.assertEqual(out["pred_labels"], self.ref["pred_labels"])
         torch.testing.assert_close(torch.tensor(out["pred_scores"]), torch.tensor(self.ref["pred_scores"]))
-
-    def test_pth_with_version_metadata(self):
-        with tempfile.TemporaryDirectory() as d:
-            DetectionCheckpointer(self.model, save_dir=d).save("model")
-            self._check(os.path.join(d, "model.pth"))
-
-    def test_pkl_without_metadata(self):
-        sd = OrderedDict((k, v.numpy()) for k, v in self.model.state_dict().items())
-        self.assertFalse(hasattr(sd, "_metadata"))
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "model.pkl")
-            with open(path, "wb") as f:
-                pickle.dump({"model": sd, "__author__": "test", "matching_heuristics": False}, f)
-            self._check(path)
 
     def test_image_instance_checkpoint_loads_unchanged(self):
         # A COCO instance Mask2Former (80 classes) -> the video model with 80 classes.
@@ -161,14 +147,7 @@ class TestTraining(unittest.TestCase):
         clips = [make_clip(2, 32, 48, seed=0, with_targets=True), make_clip(2, 32, 48, seed=1, with_targets=True)]
         with EventStorage():
             losses = model(clips)
-            expected = {"loss_ce", "loss_mask", "loss_dice"}
-            expected |= {f"{k}_{i}" for k in list(expected) for i in range(2)}  # DEC_LAYERS 3
-            self.assertEqual(set(losses), expected)
-            total = sum(losses.values())
-            self.assertTrue(torch.isfinite(total))
-            total.backward()
-            no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-            self.assertEqual(no_grad, [])
+            check_training_losses(self, model, losses, num_aux=2)  # DEC_LAYERS 3
 
             opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
             history = []
