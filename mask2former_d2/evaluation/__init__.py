@@ -101,6 +101,12 @@ def check_evaluation(cfg: CfgNode, dataset_name: str) -> List[str]:
         plan.append("cityscapes_semantic")
     elif kind == "cityscapes_instance":
         plan.append("cityscapes_instance")
+    elif kind == "ytvis":
+        # YTVISEvaluator scores against json_file where it has annotations and otherwise only
+        # writes the server's results file (the val/test splits of the releases).
+        if not getattr(meta, "json_file", None):
+            raise ValueError(f"{dataset_name}: YouTube-VIS evaluation needs the dataset json (metadata json_file)")
+        plan.append("ytvis")
 
     if not plan:
         why = f"; skipped for missing ground truth: {', '.join(skipped)}" if skipped else ""

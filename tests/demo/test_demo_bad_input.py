@@ -61,7 +61,9 @@ class TestDemoBadInput(unittest.TestCase):
     def test_unknown_meta_architecture_and_dataset(self):
         message = self.error("--input", self.image, "--output", self.tmp.name + "/out/",
                              "--opts", "MODEL.META_ARCHITECTURE", "MaskFormr")
-        self.assertIn("MODEL.META_ARCHITECTURE: unknown name 'MaskFormr'; did you mean MaskFormer?", message)
+        self.assertIn(
+            "MODEL.META_ARCHITECTURE: unknown name 'MaskFormr'; did you mean MaskFormer, VideoMaskFormer?", message
+        )
         message = self.error("--input", self.image, "--output", self.tmp.name + "/out/",
                              "--opts", "DATASETS.TEST", "('coco_2017_val_panoptc',)")
         self.assertIn("unknown dataset 'coco_2017_val_panoptc'; did you mean coco_2017_val_panoptic", message)

@@ -58,7 +58,9 @@ class TestBadCommandLine(unittest.TestCase):
 
     def test_unknown_meta_architecture(self):
         message = self.error_line(["MODEL.META_ARCHITECTURE", "MaskFormr"])
-        self.assertIn("MODEL.META_ARCHITECTURE: unknown name 'MaskFormr'; did you mean MaskFormer?", message)
+        self.assertIn(
+            "MODEL.META_ARCHITECTURE: unknown name 'MaskFormr'; did you mean MaskFormer, VideoMaskFormer?", message
+        )
         self.assertIn("registered: ", message)  # the valid names are listed
 
     def test_unknown_pixel_decoder(self):

@@ -28,7 +28,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
-from ...config import add_maskformer2_video_config
+from ...config import get_maskformer_cfg
 from ..datasets.ytvis import segmentation_to_rle
 from .utils import (
     IMAGE_PAD_VALUE,
@@ -52,10 +52,7 @@ def _video_input(cfg: CfgNode, key: str) -> Any:
     without :func:`~mask2former_d2.config.add_maskformer2_video_config` (an image-only config)."""
     if key in cfg.INPUT:
         return cfg.INPUT[key]
-    defaults = CfgNode(new_allowed=True)
-    defaults.INPUT = CfgNode(new_allowed=True)
-    add_maskformer2_video_config(defaults)
-    return defaults.INPUT[key]
+    return get_maskformer_cfg().INPUT[key]
 
 
 def build_clip_augmentations(cfg: CfgNode) -> List[Tuple[AugmentationLike, bool]]:
