@@ -75,12 +75,27 @@ def _check_sample(image: Tensor) -> None:
         )
 
 
+def _check_dynamic(model: MaskFormer) -> None:
+    """Raises for a network whose graph cannot serve every input size."""
+    from ..modeling.backbone.swin import D2SwinTransformer
+
+    if isinstance(model.backbone, D2SwinTransformer):
+        # Measured: ONNX Runtime fails or deviates at sizes other than the traced one.
+        raise ValueError(
+            "model.backbone (D2SwinTransformer) is not exportable with dynamic height/width: its "
+            "shifted-window partition (window count and padding per stage) is specialised to the "
+            "traced size; export without --dynamic, one file per input size"
+        )
+
+
 def trace(model: MaskFormer, image: Tensor, *, dynamic: bool = True) -> torch.export.ExportedProgram:
     """``torch.export`` of the network on the sample ``image`` (B, 3, H, W), with the
     export formulations (:func:`export_mode`). With ``dynamic``, height and width are symbolic
     multiples of :data:`EXPORT_DIVISIBILITY` up to :data:`MAX_SIZE`; the batch size is that
     of ``image``."""
     _check_sample(image)
+    if dynamic:
+        _check_dynamic(model)
     wrapper = ExportableMaskFormer(model)
     dynamic_shapes = None
     if dynamic:

@@ -146,11 +146,14 @@ class _ExportCase:
 
 
 @unittest.skipUnless(HAVE_ONNX, "the export extra (onnx, onnxruntime, onnxscript) is not installed")
-class TestSwinTransformerEncoderMaskFormer(_ExportCase, unittest.TestCase):
-    """Swin backbone, TransformerEncoderPixelDecoder, MaskFormer's decoder on its output."""
+class TestSwinTransformerEncoderMaskFormer(unittest.TestCase):
+    """Swin backbone, TransformerEncoderPixelDecoder, MaskFormer's decoder on its output: static
+    exports (one file per size) equal eager at two sizes; a dynamic export is refused, naming
+    the backbone."""
 
-    @classmethod
-    def build(cls):
+    def test_static_exports_and_dynamic_refused(self):
+        from mask2former_d2.export.onnx_runtime import OnnxRuntimeNetwork
+
         cfg = tiny_cfg(
             *SWIN,
             *MASKFORMER_DECODER,
@@ -158,7 +161,21 @@ class TestSwinTransformerEncoderMaskFormer(_ExportCase, unittest.TestCase):
             "MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "transformer_encoder",
         )
         torch.manual_seed(0)
-        return cfg, build_model(cfg)
+        model = build_model(cfg).eval()
+        refused = r"model\.backbone \(D2SwinTransformer\) is not exportable with dynamic"
+        with self.assertRaisesRegex(ValueError, refused):
+            trace(model, random_image(64, 96), dynamic=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for h, w in [(64, 96), (128, 160)]:
+                with self.subTest(size=(h, w)):
+                    image = random_image(h, w, seed=h)
+                    path = os.path.join(tmp, f"swin_{h}x{w}.onnx")
+                    meta = export_metadata(model, cfg, tuple(image.shape), dynamic=False)
+                    export_onnx(trace(model, image, dynamic=False), path, meta, optimize=False)
+                    with torch.no_grad():
+                        expected = ExportableMaskFormer(model)(image)
+                    for got, exp in zip(OnnxRuntimeNetwork(path)(image), expected):
+                        self.assertLessEqual(relative_deviation(got, exp), TOLERANCE)
 
 
 @unittest.skipUnless(HAVE_ONNX, "the export extra (onnx, onnxruntime, onnxscript) is not installed")
