@@ -157,11 +157,16 @@ class TestDistributedCPU(_TrainNetCase):
         self.assertEqual(_iteration(os.path.join(out_dir, "model_final.pth")), 3)
         train_metrics = self.check_metrics(out)
 
-        # 8 val images, 4 per worker: the main worker's results cover all of them.
+        # 8 val images, 4 per worker: the main worker's results cover all of them. The
+        # evaluator's saved predictions hold every image, also those where an untrained model
+        # finds no thing instance (coco_instances_results.json lists only the detections).
         self.assertIn("Start inference on 4 batches", out)
         inference = os.path.join(out_dir, "inference")
+        saved = torch.load(os.path.join(inference, "instances_predictions.pth"), weights_only=False)
+        self.assertEqual(sorted(p["image_id"] for p in saved), list(range(1, 9)))
         with open(os.path.join(inference, "coco_instances_results.json")) as f:
-            self.assertEqual({r["image_id"] for r in json.load(f)}, set(range(1, 9)))
+            detected = {r["image_id"] for r in json.load(f)}
+        self.assertEqual(detected, {p["image_id"] for p in saved if p["instances"]})
         with open(os.path.join(inference, "sem_seg_predictions.json")) as f:
             self.assertEqual(len({r["file_name"] for r in json.load(f)}), 8)
         with open(os.path.join(out_dir, "metrics.json")) as f:
