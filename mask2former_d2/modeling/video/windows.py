@@ -8,8 +8,9 @@ soft dice similarity of their mask probabilities on the shared frames (on the la
 when O = 0), Hungarian-matched. A track's mask logits on shared frames are the mean of the two
 windows', its class probabilities the mean over the windows. This changes the outputs (each window
 sees only its own frames, with a time encoding over the window), so it is an option, not the
-default. Memory: one window through the model plus the tracks' low-resolution mask logits
-(Q x Hm x Wm floats per frame).
+default. Memory: one window through the model plus the tracks' low-resolution mask logits, kept
+as float16 (Q x Hm x Wm x 2 bytes per frame; the rounding keeps every logit's sign, and only
+border pixels whose upsampled logit lies within the rounding of 0 can change).
 
 Shapes: Q queries, K classes (+1 = no-object), T frames of the video, W frames of a window,
 Hm/Wm the mask-logit size.
@@ -21,6 +22,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 __all__ = ["WindowTracks", "window_bounds"]
+
+# How the tracks' mask logits are stored between windows: half the memory of float32.
+STORAGE_DTYPE = torch.float16
 
 
 def window_bounds(num_frames: int, window: int, overlap: int) -> Iterator[Tuple[int, int]]:
@@ -56,7 +60,7 @@ class WindowTracks:
         self.num_frames = num_frames
         self.window = window
         self.overlap = overlap
-        self._masks: Optional[Tensor] = None  # (Q, T, Hm, Wm) mask logits of the tracks
+        self._masks: Optional[Tensor] = None  # (Q, T, Hm, Wm) float16 mask logits of the tracks
         self._probs: Optional[Tensor] = None  # (Q, K+1) sum of the windows' class probabilities
         self._windows = 0
         self._filled = 0  # frames [0, filled) hold logits
@@ -75,7 +79,8 @@ class WindowTracks:
         if self._masks is None:
             if start != 0:
                 raise ValueError("WindowTracks.add: the first window must start at frame 0")
-            self._masks = mask_logits.new_zeros((q, self.num_frames) + tuple(mask_logits.shape[2:]))
+            shape = (q, self.num_frames) + tuple(mask_logits.shape[2:])
+            self._masks = mask_logits.new_zeros(shape, dtype=STORAGE_DTYPE)
             self._probs = torch.zeros_like(probs)
             perm = torch.arange(q, device=mask_logits.device)
         else:
@@ -83,17 +88,17 @@ class WindowTracks:
                 raise ValueError(f"WindowTracks.add: window at {start} leaves a gap after frame {self._filled}")
             shared = self._filled - start
             if shared > 0:
-                prev = self._masks[:, start : self._filled].sigmoid().flatten(1)
+                prev = self._masks[:, start : self._filled].float().sigmoid().flatten(1)
                 cur = mask_logits[:, :shared].sigmoid().flatten(1)
             else:
-                prev = self._masks[:, self._filled - 1].sigmoid().flatten(1)
+                prev = self._masks[:, self._filled - 1].float().sigmoid().flatten(1)
                 cur = mask_logits[:, 0].sigmoid().flatten(1)
             rows, cols = linear_sum_assignment(-_soft_dice(prev, cur).cpu().numpy())
             perm = torch.as_tensor(cols[rows.argsort()], dtype=torch.long, device=mask_logits.device)
             mask_logits, probs = mask_logits[perm], probs[perm]
             if shared > 0:
-                self._masks[:, start : self._filled] += mask_logits[:, :shared]
-                self._masks[:, start : self._filled] *= 0.5
+                mean = (self._masks[:, start : self._filled].float() + mask_logits[:, :shared]) * 0.5
+                self._masks[:, start : self._filled] = mean
         stop = start + w
         new = self._filled - start
         self._masks[:, self._filled : stop] = mask_logits[:, new:]
@@ -112,4 +117,4 @@ class WindowTracks:
         """(P, Hm, Wm) mask logits of tracks ``queries`` in frame t."""
         if self._masks is None or t >= self._filled:
             raise RuntimeError(f"WindowTracks: frame {t} has not been decoded")
-        return self._masks[queries, t]
+        return self._masks[queries, t].float()

@@ -45,6 +45,18 @@ class TestWindowTracks(unittest.TestCase):
                     torch.testing.assert_close(tracks.frame_logits(torch.arange(3), t), truth[:, t])
                 torch.testing.assert_close(tracks.class_logits().softmax(-1), cls.softmax(-1))
 
+    def test_tracks_are_stored_in_half_precision(self):
+        """Long videos: the tracks' logits between windows cost 2 bytes per value, read back as
+        float32 with float16 rounding."""
+        tracks = WindowTracks(4, 2, 0)
+        logits = torch.full((2, 2, 4, 4), 0.1)
+        for start, _ in tracks.windows():
+            tracks.add(start, torch.zeros(2, 3), logits)
+        got = tracks.frame_logits(torch.arange(2), 3)
+        self.assertEqual(got.dtype, torch.float32)
+        torch.testing.assert_close(got, torch.full((2, 4, 4), 0.1).half().float(), rtol=0, atol=0)
+        self.assertNotEqual(float(got[0, 0, 0]), 0.1)
+
     def test_gap_is_an_error(self):
         tracks = WindowTracks(6, 2, 0)
         tracks.add(0, torch.zeros(2, 3), torch.zeros(2, 2, 4, 4))
