@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=36, help="WINDOW_SIZE of the extra windowed row of ours (0: none)")
     ap.add_argument("--overlap", type=int, default=6, help="WINDOW_OVERLAP of the windowed row")
     ap.add_argument("--window-min-frames", type=int, default=200, help="add the windowed row for T >= this")
+    ap.add_argument("--windowed-only", action="store_true", help="only the windowed rows of ours")
     ap.add_argument("--weights", default=os.path.join(pub.REPO, "output", "bench_video_vs_published", "weights.pth"))
     ap.add_argument("--save-weights", default="", metavar="W.pth", help="save our random init to W.pth and exit")
     ap.add_argument("--seed", type=int, default=0)
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
             return 0
     settings = []
     for t in a.frames:
-        settings += [("full", "ours", t, 0), ("full", "published", t, 0)]
+        if not a.windowed_only:
+            settings += [("full", "ours", t, 0), ("full", "published", t, 0)]
         if a.window and t >= a.window_min_frames:
             settings.append((f"window {a.window}/{a.overlap}", "ours", t, a.window))
     rows, patches = [], set()
