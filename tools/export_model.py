@@ -10,8 +10,9 @@ stays in Python (``Predictor(cfg, backend="onnxruntime", model_file=...)``,
 ``demo/demo.py --onnx FILE``).
 
 With ``--dynamic`` one file takes any height and width that are multiples of 32; without it,
-only the size of the sample image. After exporting, the file is run on the sample image and
-compared with the PyTorch model; the deviation, the export time and the file size are printed.
+only the size of the sample image. With ``--dynamic-batch`` it takes any batch size (else 1).
+After exporting, the file is run on the sample image and compared with the PyTorch model; the
+deviation, the export time and the file size are printed.
 
 Usage:
     python tools/export_model.py \
@@ -43,6 +44,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--output", required=True, metavar="FILE", help="the .onnx or .pt2 file to write")
     parser.add_argument(
         "--dynamic", action="store_true", help="any height/width multiple of 32 (default: the sample's size only)"
+    )
+    parser.add_argument(
+        "--dynamic-batch", action="store_true", help="any batch size (default: 1); not for Swin backbones"
     )
     parser.add_argument(
         "--sample-image",
@@ -111,8 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     image = _sample(predictor, args.sample_image, cfg)
 
     start = time.perf_counter()
-    program = trace(model, image, dynamic=args.dynamic)
-    metadata = export_metadata(model, cfg, tuple(image.shape), args.dynamic)
+    program = trace(model, image, dynamic=args.dynamic, dynamic_batch=args.dynamic_batch)
+    metadata = export_metadata(model, cfg, tuple(image.shape), args.dynamic, args.dynamic_batch)
     if args.format == "torch_export":
         export_program(program, args.output, metadata)
     else:
@@ -136,6 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "output": args.output,
         "format": args.format,
         "dynamic": args.dynamic,
+        "dynamic_batch": args.dynamic_batch,
         "sample_shape": list(image.shape),
         "export_seconds": round(seconds, 1),
         "file_mib": round(os.path.getsize(args.output) / 2**20, 1),

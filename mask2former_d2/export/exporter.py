@@ -9,7 +9,7 @@ runtime can refuse a file that does not belong to the config it is used with.
 import json
 import logging
 import os
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -19,6 +19,7 @@ from ..modeling.meta_arch import MaskFormer
 from .wrapper import EXPORT_DIVISIBILITY, INPUT_NAMES, OUTPUT_NAMES, ExportableMaskFormer, export_mode
 
 __all__ = [
+    "MAX_BATCH",
     "MAX_SIZE",
     "METADATA_KEY",
     "ONNX_OPSET",
@@ -33,11 +34,15 @@ logger = logging.getLogger(__name__)
 ONNX_OPSET = 18
 # The largest height / width a dynamic export accepts.
 MAX_SIZE = 8192
+# The largest batch a dynamic-batch export accepts.
+MAX_BATCH = 256
 # The ONNX metadata_props key holding the JSON description written by :func:`export_metadata`.
 METADATA_KEY = "mask2former_d2"
 
 
-def export_metadata(model: MaskFormer, cfg: CfgNode, image_shape: Tuple[int, ...], dynamic: bool) -> Dict:
+def export_metadata(
+    model: MaskFormer, cfg: CfgNode, image_shape: Tuple[int, ...], dynamic: bool, dynamic_batch: bool = False
+) -> Dict:
     """What a runtime needs to know about an exported graph (stored with it)."""
     head = model.sem_seg_head
     return {
@@ -52,7 +57,8 @@ def export_metadata(model: MaskFormer, cfg: CfgNode, image_shape: Tuple[int, ...
         "dynamic": bool(dynamic),
         # (H, W) of a static export; null when any multiple of ``divisibility`` is accepted.
         "image_size": None if dynamic else [int(image_shape[2]), int(image_shape[3])],
-        "batch_size": int(image_shape[0]),
+        # The batch size of a file exported for one; null when any batch size is accepted.
+        "batch_size": None if dynamic_batch else int(image_shape[0]),
         "architecture": {
             "backbone": type(model.backbone).__name__,
             "pixel_decoder": type(head.pixel_decoder).__name__,
@@ -75,10 +81,15 @@ def _check_sample(image: Tensor) -> None:
         )
 
 
-def _check_dynamic(model: MaskFormer) -> None:
+def _check_dynamic(model: MaskFormer, what: str = "height/width") -> None:
     """Raises for a network whose graph cannot serve every input size."""
     from ..modeling.backbone.swin import D2SwinTransformer
 
+    if isinstance(model.backbone, D2SwinTransformer) and what != "height/width":
+        raise ValueError(
+            f"model.backbone (D2SwinTransformer) is not exportable with a dynamic {what}: not "
+            "supported for Swin backbones; export without it"
+        )
     if isinstance(model.backbone, D2SwinTransformer):
         # Measured: ONNX Runtime fails or deviates at sizes other than the traced one.
         raise ValueError(
@@ -88,21 +99,31 @@ def _check_dynamic(model: MaskFormer) -> None:
         )
 
 
-def trace(model: MaskFormer, image: Tensor, *, dynamic: bool = True) -> torch.export.ExportedProgram:
+def trace(
+    model: MaskFormer, image: Tensor, *, dynamic: bool = True, dynamic_batch: bool = False
+) -> torch.export.ExportedProgram:
     """``torch.export`` of the network on the sample ``image`` (B, 3, H, W), with the
     export formulations (:func:`export_mode`). With ``dynamic``, height and width are symbolic
-    multiples of :data:`EXPORT_DIVISIBILITY` up to :data:`MAX_SIZE`; the batch size is that
-    of ``image``."""
+    multiples of :data:`EXPORT_DIVISIBILITY` up to :data:`MAX_SIZE`; with ``dynamic_batch`` the
+    batch size is symbolic (1 to :data:`MAX_BATCH`; a sample of one image is traced as two,
+    since an exporter specialises a dimension of size 1), else it is that of ``image``."""
     _check_sample(image)
     if dynamic:
         _check_dynamic(model)
+    if dynamic_batch:
+        _check_dynamic(model, "batch size")
+        if image.shape[0] == 1:
+            image = image.expand(2, -1, -1, -1).clone()
     wrapper = ExportableMaskFormer(model)
-    dynamic_shapes = None
+    dims: Dict[int, Any] = {}
     if dynamic:
         top = MAX_SIZE // EXPORT_DIVISIBILITY
         h = torch.export.Dim("height_div32", min=1, max=top)
         w = torch.export.Dim("width_div32", min=1, max=top)
-        dynamic_shapes = {"image": {2: EXPORT_DIVISIBILITY * h, 3: EXPORT_DIVISIBILITY * w}}
+        dims.update({2: EXPORT_DIVISIBILITY * h, 3: EXPORT_DIVISIBILITY * w})
+    if dynamic_batch:
+        dims[0] = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    dynamic_shapes = {"image": dims} if dims else None
     with torch.no_grad(), export_mode(model):
         return torch.export.export(wrapper, (image,), dynamic_shapes=dynamic_shapes, strict=False)
 

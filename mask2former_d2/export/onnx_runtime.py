@@ -101,8 +101,11 @@ class OnnxRuntimeNetwork:
                 f"{self.path}: exported for {size} inputs only (static export); got {h}x{w} "
                 "(export with --dynamic for any size)"
             )
-        if shape[0] != meta["batch_size"]:
-            raise ValueError(f"{self.path}: exported for batch size {meta['batch_size']}; got {shape[0]}")
+        if meta["batch_size"] is not None and shape[0] != meta["batch_size"]:
+            raise ValueError(
+                f"{self.path}: exported for batch size {meta['batch_size']}; got {shape[0]} "
+                "(export with --dynamic-batch for any batch size)"
+            )
 
     def __call__(self, image: Tensor) -> Tuple[Tensor, Tensor]:
         """image (B, 3, H, W) float32 -> (pred_logits (B, Q, K+1), pred_masks (B, Q, H/4, W/4))."""

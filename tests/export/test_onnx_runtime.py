@@ -72,6 +72,7 @@ class _ExportCase:
     """Exports ``build()``'s model once (dynamic H/W) and checks it against the eager network."""
 
     optimize = False  # the graph optimisation is tested once (the fixture); it costs time
+    dynamic_batch = False
 
     @classmethod
     def build(cls):
@@ -84,9 +85,9 @@ class _ExportCase:
         cls.model.eval()
         cls.network = ExportableMaskFormer(cls.model)
         sample = random_image(64, 96)
-        cls.program = trace(cls.model, sample, dynamic=True)
+        cls.program = trace(cls.model, sample, dynamic=True, dynamic_batch=cls.dynamic_batch)
         cls.onnx_path = os.path.join(cls.tmp.name, "model.onnx")
-        metadata = export_metadata(cls.model, cls.cfg, tuple(sample.shape), dynamic=True)
+        metadata = export_metadata(cls.model, cls.cfg, tuple(sample.shape), True, cls.dynamic_batch)
         export_onnx(cls.program, cls.onnx_path, metadata, optimize=cls.optimize)
         from mask2former_d2.export.onnx_runtime import OnnxRuntimeNetwork
 
@@ -165,6 +166,8 @@ class TestSwinTransformerEncoderMaskFormer(unittest.TestCase):
         refused = r"model\.backbone \(D2SwinTransformer\) is not exportable with dynamic"
         with self.assertRaisesRegex(ValueError, refused):
             trace(model, random_image(64, 96), dynamic=True)
+        with self.assertRaisesRegex(ValueError, r"model\.backbone \(D2SwinTransformer\) .* dynamic batch size"):
+            trace(model, random_image(64, 96), dynamic=False, dynamic_batch=True)
         with tempfile.TemporaryDirectory() as tmp:
             for h, w in [(64, 96), (128, 160)]:
                 with self.subTest(size=(h, w)):
@@ -208,15 +211,18 @@ class TestResNetFPNMask2FormerAndMaskFormer(unittest.TestCase):
                         self.assertLessEqual(relative_deviation(g, e), TOLERANCE)
                     with self.assertRaisesRegex(ValueError, r"exported for 64x96 inputs only .*got 96x64"):
                         ort(random_image(96, 64))
+                    with self.assertRaisesRegex(ValueError, r"exported for batch size 1; got 2 .*--dynamic-batch"):
+                        ort(torch.cat([image, image]))
 
 
 @unittest.skipUnless(HAVE_ONNX, "the export extra (onnx, onnxruntime, onnxscript) is not installed")
 @unittest.skipUnless(HAVE_FIXTURE, f"no parity fixture at {FIXTURE}")
 class TestParityFixture(_ExportCase, unittest.TestCase):
     """ResNet-18, MSDeformAttnPixelDecoder, Mask2Former decoder: the shared parity fixture, with
-    its released-format weights."""
+    its released-format weights; exported with dynamic height, width and batch size."""
 
     optimize = True
+    dynamic_batch = True
 
     @classmethod
     def build(cls):
@@ -247,6 +253,23 @@ class TestParityFixture(_ExportCase, unittest.TestCase):
             with self.subTest(size=(h, w)), torch.no_grad():
                 for g, e in zip(reloaded(image), self.network(image)):
                     self.assertLessEqual(relative_deviation(g, e), TOLERANCE)
+
+    def test_any_batch_size(self):
+        """One file for batches of 1 to 3 images: each image's outputs equal those of the eager
+        network on that image alone, in ONNX Runtime and in the .pt2 program."""
+        self.assertIsNone(self.ort.metadata["batch_size"])
+        images = torch.cat([random_image(96, 128, seed=s) for s in range(3)])
+        with torch.no_grad():
+            alone = [self.network(images[i : i + 1]) for i in range(3)]
+            program = self.program.module()
+            for b in (1, 2, 3):
+                for runner, run in (("onnxruntime", self.ort), ("torch.export", program)):
+                    got = run(images[:b])
+                    with self.subTest(batch=b, runner=runner):
+                        self.assertEqual(tuple(got[1].shape[:2]), (b, self.cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES))
+                        for i in range(b):
+                            for g, e in zip(got, alone[i]):
+                                self.assertLessEqual(relative_deviation(g[i : i + 1], e), TOLERANCE)
 
     def test_predictor_backend(self):
         from mask2former_d2.predictor import Predictor

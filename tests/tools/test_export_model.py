@@ -36,11 +36,12 @@ class TestExportModelTool(unittest.TestCase):
             export_model.cli(list(argv))
         return exit_.exception.code, out.getvalue()
 
-    def test_torch_export_static(self):
+    def test_torch_export_static_size_any_batch(self):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.pt2")
             code, out = self.run_cli(
-                "--config-file", TINY_CONFIG, "--format", "torch_export", "--output", path, *TINY_OPTS
+                "--config-file", TINY_CONFIG, "--format", "torch_export", "--output", path, "--dynamic-batch",
+                *TINY_OPTS,
             )
             self.assertEqual(code, 0, out)
             report = json.loads(out.strip().splitlines()[-1])
@@ -50,10 +51,15 @@ class TestExportModelTool(unittest.TestCase):
             extra = {"mask2former_d2.json": ""}
             program = torch.export.load(path, extra_files=extra)
             meta = json.loads(extra["mask2former_d2.json"])
-            self.assertEqual((meta["num_queries"], meta["image_size"], meta["dynamic"]), (8, [64, 64], False))
-            logits, masks = program.module()(torch.zeros(1, 3, 64, 64))
-            self.assertEqual(tuple(logits.shape), (1, 8, 134))
-            self.assertEqual(tuple(masks.shape), (1, 8, 16, 16))
+            self.assertEqual(
+                (meta["num_queries"], meta["image_size"], meta["dynamic"], meta["batch_size"]),
+                (8, [64, 64], False, None),
+            )
+            self.assertTrue(report["dynamic_batch"])
+            for b in (1, 3):
+                logits, masks = program.module()(torch.zeros(b, 3, 64, 64))
+                self.assertEqual(tuple(logits.shape), (b, 8, 134))
+                self.assertEqual(tuple(masks.shape), (b, 8, 16, 16))
 
     def test_bad_arguments_are_one_line_errors(self):
         cases = [
