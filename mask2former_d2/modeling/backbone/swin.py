@@ -57,18 +57,31 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     """
     b, hp, wp, c = x.shape
     ws = window_size
-    x = x.view(b, hp // ws, ws, wp // ws, ws, c)  # (B, Hp/ws, ws, Wp/ws, ws, C)
-    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, Hp/ws, Wp/ws, ws, ws, C)
-    return x.reshape(-1, ws * ws, c)  # (B * nW, N, C)
+    nh, nw = hp // ws, wp // ws
+    x = x.view(b, nh, ws, nw, ws, c)  # (B, Hp/ws, ws, Wp/ws, ws, C)
+    x = _contiguous(x.permute(0, 1, 3, 2, 4, 5))  # (B, Hp/ws, Wp/ws, ws, ws, C)
+    return x.reshape(b * nh * nw, ws * ws, c)  # (B * nW, N, C)
 
 
-def window_merge(windows: Tensor, window_size: int, hp: int, wp: int) -> Tensor:
-    """Inverse of :func:`window_partition`: (B * nW, N, C) -> (B, Hp, Wp, C)."""
+def window_merge(windows: Tensor, window_size: int, hp: int, wp: int, batch: Optional[int] = None) -> Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, N, C) -> (B, Hp, Wp, C); ``batch`` is B
+    (inferred when None)."""
     ws = window_size
     c = windows.shape[-1]
-    x = windows.view(-1, hp // ws, wp // ws, ws, ws, c)  # (B, Hp/ws, Wp/ws, ws, ws, C)
-    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, Hp/ws, ws, Wp/ws, ws, C)
-    return x.reshape(-1, hp, wp, c)  # (B, Hp, Wp, C)
+    nh, nw = hp // ws, wp // ws
+    b = windows.shape[0] // (nh * nw) if batch is None else batch
+    x = windows.view(b, nh, nw, ws, ws, c)  # (B, Hp/ws, Wp/ws, ws, ws, C)
+    x = _contiguous(x.permute(0, 1, 3, 2, 4, 5))  # (B, Hp/ws, ws, Wp/ws, ws, C)
+    return x.reshape(b, hp, wp, c)  # (B, Hp, Wp, C)
+
+
+def _contiguous(x: Tensor) -> Tensor:
+    """``x`` itself in eager mode (the reshape after it copies when it must). While torch.export
+    traces, a contiguous copy: whether the reshape of a permuted grid can be a view depends on
+    whether a window count is 1, and asking would specialise the graph to the traced size."""
+    if torch.compiler.is_exporting():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 def relative_position_index(window_size: int) -> Tensor:
@@ -304,16 +317,18 @@ class SwinBlock(nn.Module):
         y = self.norm1(x)
         # Pad after the norm, so padded tokens are exactly zero (as in the reference model, where
         # they also take part in attention as keys).
-        pad_b, pad_r = (-h) % ws, (-w) % ws
+        # The padded grid as whole windows (integer ceil: with symbolic sizes, under torch.export,
+        # Hp is then visibly a multiple of ws).
+        hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+        pad_b, pad_r = hp - h, wp - w
         # While torch.export traces, sizes are symbolic: pad (possibly by 0) without asking.
         if torch.compiler.is_exporting() or pad_b or pad_r:
             y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
-        hp, wp = h + pad_b, w + pad_r
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
         windows = window_partition(y, ws)  # (B*nW, N, C)
         windows = self.attn(windows, attn_mask if shift else None)
-        y = window_merge(windows, ws, hp, wp)  # (B, Hp, Wp, C)
+        y = window_merge(windows, ws, hp, wp, batch=x.shape[0])  # (B, Hp, Wp, C)
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
         x = x + self.drop_path(y[:, :h, :w])
