@@ -81,35 +81,64 @@ def _check_sample(image: Tensor) -> None:
         )
 
 
-def _check_dynamic(model: MaskFormer, what: str = "height/width") -> None:
-    """Raises for a network whose graph cannot serve every input size."""
+def _check_dynamic(model: MaskFormer, what: str = "height/width", for_onnx: bool = False) -> None:
+    """Raises for a network whose graph cannot serve every input size (or batch size)."""
     from ..modeling.backbone.swin import D2SwinTransformer
 
-    if isinstance(model.backbone, D2SwinTransformer) and what != "height/width":
+    if not isinstance(model.backbone, D2SwinTransformer):
+        return
+    if what != "height/width":
         raise ValueError(
             f"model.backbone (D2SwinTransformer) is not exportable with a dynamic {what}: not "
             "supported for Swin backbones; export without it"
         )
-    if isinstance(model.backbone, D2SwinTransformer):
-        # Measured: ONNX Runtime fails or deviates at sizes other than the traced one.
+    if not for_onnx:
+        # Measured: the program's shape guards (window counts of 1, no padding) refuse sizes.
         raise ValueError(
-            "model.backbone (D2SwinTransformer) is not exportable with dynamic height/width: its "
-            "shifted-window partition (window count and padding per stage) is specialised to the "
-            "traced size; export without --dynamic, one file per input size"
+            "model.backbone (D2SwinTransformer) is not exportable as a dynamic torch.export "
+            "program: its shifted-window partition leaves shape guards that refuse other input "
+            "sizes; export ONNX with --dynamic, or a .pt2 without --dynamic (one per input size)"
         )
 
 
+def _swin_trace_size(backbone: torch.nn.Module) -> Tuple[int, int]:
+    """(H, W) to trace a Swin backbone at for a dynamic export: at every stage at least two
+    windows per axis and a grid that needs padding, so that no window count of 1 and no zero
+    padding is specialised into the graph; H != W, so that the two sizes stay separate symbols."""
+    strides = [backbone.patch_size * 2**i for i in range(len(backbone.layers))]
+    windows = [stage.window_size for stage in backbone.layers]
+
+    def generic(size: int) -> bool:
+        return all(size // r > ws and (size // r) % ws for r, ws in zip(strides, windows))
+
+    sizes = [s for s in range(EXPORT_DIVISIBILITY, MAX_SIZE + 1, EXPORT_DIVISIBILITY) if generic(s)]
+    if len(sizes) < 2:
+        raise ValueError(f"model.backbone: no trace size for windows {windows} at strides {strides}")
+    return sizes[0], sizes[1]
+
+
 def trace(
-    model: MaskFormer, image: Tensor, *, dynamic: bool = True, dynamic_batch: bool = False
+    model: MaskFormer, image: Tensor, *, dynamic: bool = True, dynamic_batch: bool = False, for_onnx: bool = False
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of the network on the sample ``image`` (B, 3, H, W), with the
     export formulations (:func:`export_mode`). With ``dynamic``, height and width are symbolic
     multiples of :data:`EXPORT_DIVISIBILITY` up to :data:`MAX_SIZE`; with ``dynamic_batch`` the
     batch size is symbolic (1 to :data:`MAX_BATCH`; a sample of one image is traced as two,
-    since an exporter specialises a dimension of size 1), else it is that of ``image``."""
+    since an exporter specialises a dimension of size 1), else it is that of ``image``.
+
+    ``for_onnx``: the program is only translated to ONNX. A Swin backbone then exports with
+    dynamic height/width, traced on a random image of a size chosen by :func:`_swin_trace_size`
+    (the ONNX graph has no shape guards; ONNX Runtime was checked against eager at sizes with
+    one window per axis, without padding and with it); as a dynamic program it is refused."""
     _check_sample(image)
     if dynamic:
-        _check_dynamic(model)
+        _check_dynamic(model, for_onnx=for_onnx)
+        from ..modeling.backbone.swin import D2SwinTransformer
+
+        if isinstance(model.backbone, D2SwinTransformer):
+            h, w = _swin_trace_size(model.backbone)
+            generator = torch.Generator().manual_seed(0)
+            image = torch.rand((image.shape[0], 3, h, w), generator=generator) * 255
     if dynamic_batch:
         _check_dynamic(model, "batch size")
         if image.shape[0] == 1:

@@ -148,11 +148,12 @@ class _ExportCase:
 
 @unittest.skipUnless(HAVE_ONNX, "the export extra (onnx, onnxruntime, onnxscript) is not installed")
 class TestSwinTransformerEncoderMaskFormer(unittest.TestCase):
-    """Swin backbone, TransformerEncoderPixelDecoder, MaskFormer's decoder on its output: static
-    exports (one file per size) equal eager at two sizes; a dynamic export is refused, naming
-    the backbone."""
+    """Swin backbone, TransformerEncoderPixelDecoder, MaskFormer's decoder on its output: one
+    dynamic ONNX file equals eager at sizes with one window per axis in the last stages, without
+    padding (224 x 224) and with it; a static export at one size; a dynamic .pt2 program and a
+    dynamic batch are refused, naming the backbone."""
 
-    def test_static_exports_and_dynamic_refused(self):
+    def test_dynamic_onnx_static_export_and_refusals(self):
         from mask2former_d2.export.onnx_runtime import OnnxRuntimeNetwork
 
         cfg = tiny_cfg(
@@ -163,22 +164,31 @@ class TestSwinTransformerEncoderMaskFormer(unittest.TestCase):
         )
         torch.manual_seed(0)
         model = build_model(cfg).eval()
-        refused = r"model\.backbone \(D2SwinTransformer\) is not exportable with dynamic"
+        network = ExportableMaskFormer(model)
+        sample = random_image(64, 96)
+        refused = r"model\.backbone \(D2SwinTransformer\) is not exportable as a dynamic torch\.export program"
         with self.assertRaisesRegex(ValueError, refused):
-            trace(model, random_image(64, 96), dynamic=True)
+            trace(model, sample, dynamic=True)
         with self.assertRaisesRegex(ValueError, r"model\.backbone \(D2SwinTransformer\) .* dynamic batch size"):
-            trace(model, random_image(64, 96), dynamic=False, dynamic_batch=True)
+            trace(model, sample, dynamic=False, dynamic_batch=True)
         with tempfile.TemporaryDirectory() as tmp:
-            for h, w in [(64, 96), (128, 160)]:
-                with self.subTest(size=(h, w)):
-                    image = random_image(h, w, seed=h)
-                    path = os.path.join(tmp, f"swin_{h}x{w}.onnx")
-                    meta = export_metadata(model, cfg, tuple(image.shape), dynamic=False)
-                    export_onnx(trace(model, image, dynamic=False), path, meta, optimize=False)
-                    with torch.no_grad():
-                        expected = ExportableMaskFormer(model)(image)
-                    for got, exp in zip(OnnxRuntimeNetwork(path)(image), expected):
+            path = os.path.join(tmp, "swin_dynamic.onnx")
+            meta = export_metadata(model, cfg, tuple(sample.shape), dynamic=True)
+            export_onnx(trace(model, sample, dynamic=True, for_onnx=True), path, meta, optimize=False)
+            ort = OnnxRuntimeNetwork(path)
+            for i, (h, w) in enumerate(SIZES + [(224, 224)]):
+                image = random_image(h, w, seed=i + 1)
+                with self.subTest(dynamic=(h, w)), torch.no_grad():
+                    for got, exp in zip(ort(image), network(image)):
                         self.assertLessEqual(relative_deviation(got, exp), TOLERANCE)
+
+            path = os.path.join(tmp, "swin_64x96.onnx")
+            meta = export_metadata(model, cfg, tuple(sample.shape), dynamic=False)
+            export_onnx(trace(model, sample, dynamic=False), path, meta, optimize=False)
+            with torch.no_grad():
+                expected = network(sample)
+            for got, exp in zip(OnnxRuntimeNetwork(path)(sample), expected):
+                self.assertLessEqual(relative_deviation(got, exp), TOLERANCE)
 
 
 @unittest.skipUnless(HAVE_ONNX, "the export extra (onnx, onnxruntime, onnxscript) is not installed")

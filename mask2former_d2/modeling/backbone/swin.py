@@ -75,6 +75,13 @@ def window_merge(windows: Tensor, window_size: int, hp: int, wp: int, batch: Opt
     return x.reshape(b, hp, wp, c)  # (B, Hp, Wp, C)
 
 
+def _ceil_to(n: int, step: int) -> int:
+    """``n`` rounded up to a multiple of ``step``, in integer arithmetic on non-negative values:
+    a float ceil would become a constant under torch.export, and the ONNX exporter translates
+    the floor division of a negative size (``-(-n // step)``) as a truncating one."""
+    return (n + step - 1) // step * step
+
+
 def _contiguous(x: Tensor) -> Tensor:
     """``x`` itself in eager mode (the reshape after it copies when it must). While torch.export
     traces, a contiguous copy: whether the reshape of a permuted grid can be a view depends on
@@ -317,9 +324,8 @@ class SwinBlock(nn.Module):
         y = self.norm1(x)
         # Pad after the norm, so padded tokens are exactly zero (as in the reference model, where
         # they also take part in attention as keys).
-        # The padded grid as whole windows (integer ceil: with symbolic sizes, under torch.export,
-        # Hp is then visibly a multiple of ws).
-        hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+        # The padded grid as whole windows: Hp is then visibly a multiple of ws under torch.export.
+        hp, wp = _ceil_to(h, ws), _ceil_to(w, ws)
         pad_b, pad_r = hp - h, wp - w
         # While torch.export traces, sizes are symbolic: pad (possibly by 0) without asking.
         if torch.compiler.is_exporting() or pad_b or pad_r:
@@ -424,8 +430,7 @@ class SwinStage(nn.Module):
         if self.shift_size > 0 and len(self.blocks) > 1:
             # One mask per stage and forward pass, shared by every shifted block of the stage.
             ws = self.window_size
-            # Integer ceil: with symbolic sizes (torch.export) a float ceil would become a constant.
-            hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+            hp, wp = _ceil_to(h, ws), _ceil_to(w, ws)
             mask = shifted_window_mask(hp, wp, ws, self.shift_size, device=x.device)
         checkpointing = self.use_checkpoint and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
