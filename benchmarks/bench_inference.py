@@ -193,7 +193,7 @@ def _measure_onnx(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         t = time.perf_counter()
-        program = trace(model, batch, dynamic=True, for_onnx=True)
+        program = trace(model, batch, dynamic=True)
         export_onnx(program, path, export_metadata(model, cfg, tuple(batch.shape), dynamic=True))
         export_s = time.perf_counter() - t
         size_mb = os.path.getsize(path) / 2**20

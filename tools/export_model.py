@@ -45,7 +45,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--dynamic",
         action="store_true",
-        help="any height/width multiple of 32 (default: the sample's size only); Swin backbones: ONNX only",
+        help="any height/width multiple of 32 (default: the sample's size only)",
     )
     parser.add_argument(
         "--dynamic-batch", action="store_true", help="any batch size (default: 1); not for Swin backbones"
@@ -117,9 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     image = _sample(predictor, args.sample_image, cfg)
 
     start = time.perf_counter()
-    program = trace(
-        model, image, dynamic=args.dynamic, dynamic_batch=args.dynamic_batch, for_onnx=args.format == "onnx"
-    )
+    program = trace(model, image, dynamic=args.dynamic, dynamic_batch=args.dynamic_batch)
     metadata = export_metadata(model, cfg, tuple(image.shape), args.dynamic, args.dynamic_batch)
     if args.format == "torch_export":
         export_program(program, args.output, metadata)

