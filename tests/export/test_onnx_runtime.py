@@ -195,35 +195,39 @@ class TestSwinTransformerEncoderMaskFormer(unittest.TestCase):
 @unittest.skipUnless(HAVE_ONNX, "the export extra (onnx, onnxruntime, onnxscript) is not installed")
 class TestResNetFPNMask2FormerAndMaskFormer(unittest.TestCase):
     """ResNet with BasePixelDecoder under both decoders (Mask2Former's multi-scale one and
-    MaskFormer's on res5), exported static: a file for one size refuses others."""
+    MaskFormer's on res5): the first exported dynamic and checked at two other sizes, the second
+    static, where a file for one size refuses other sizes and batch sizes."""
 
-    def test_static_exports(self):
+    def test_dynamic_and_static_exports(self):
         from mask2former_d2.export.onnx_runtime import OnnxRuntimeNetwork
 
         base = ["MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "BasePixelDecoder"]
         variants = {
-            "mask2former": base,
-            "maskformer": base + MASKFORMER_DECODER + ["MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res5"],
+            "mask2former": (base, True),
+            "maskformer": (base + MASKFORMER_DECODER + ["MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res5"], False),
         }
         with tempfile.TemporaryDirectory() as tmp:
-            for name, opts in variants.items():
-                with self.subTest(decoder=name):
+            for name, (opts, dynamic) in variants.items():
+                with self.subTest(decoder=name, dynamic=dynamic):
                     cfg = tiny_cfg(*opts)
                     torch.manual_seed(0)
                     model = build_model(cfg).eval()
                     image = random_image(64, 96)
                     path = os.path.join(tmp, f"{name}.onnx")
-                    meta = export_metadata(model, cfg, tuple(image.shape), dynamic=False)
-                    export_onnx(trace(model, image, dynamic=False), path, meta, optimize=False)
+                    meta = export_metadata(model, cfg, tuple(image.shape), dynamic=dynamic)
+                    export_onnx(trace(model, image, dynamic=dynamic), path, meta, optimize=False)
                     ort = OnnxRuntimeNetwork(path)
-                    with torch.no_grad():
-                        expected = ExportableMaskFormer(model)(image)
-                    for g, e in zip(ort(image), expected):
-                        self.assertLessEqual(relative_deviation(g, e), TOLERANCE)
-                    with self.assertRaisesRegex(ValueError, r"exported for 64x96 inputs only .*got 96x64"):
-                        ort(random_image(96, 64))
-                    with self.assertRaisesRegex(ValueError, r"exported for batch size 1; got 2 .*--dynamic-batch"):
-                        ort(torch.cat([image, image]))
+                    checked = [image] + ([random_image(h, w, seed=h) for h, w in SIZES[1:]] if dynamic else [])
+                    for x in checked:
+                        with torch.no_grad():
+                            expected = ExportableMaskFormer(model)(x)
+                        for g, e in zip(ort(x), expected):
+                            self.assertLessEqual(relative_deviation(g, e), TOLERANCE)
+                    if not dynamic:
+                        with self.assertRaisesRegex(ValueError, r"exported for 64x96 inputs only .*got 96x64"):
+                            ort(random_image(96, 64))
+                        with self.assertRaisesRegex(ValueError, r"exported for batch size 1; got 2 .*--dynamic-batch"):
+                            ort(torch.cat([image, image]))
 
 
 @unittest.skipUnless(HAVE_ONNX, "the export extra (onnx, onnxruntime, onnxscript) is not installed")
