@@ -5,6 +5,7 @@ transformer decoders, dataset mappers and datasets with Detectron2.
 """
 from . import (
     data,  # noqa: F401  (registers datasets)
+    model_zoo,  # noqa: F401  (registers zoo:// with Detectron2's PathManager)
     modeling,  # noqa: F401  (registers models)
 )
 from .config import add_maskformer2_config, add_maskformer2_video_config, get_maskformer_cfg

@@ -77,4 +77,10 @@ if ! have onnx onnxruntime onnxscript; then
   log "installing the export extra (onnx, onnxruntime, onnxscript)"
   $PIP install --no-build-isolation "numpy<2" -e ".[export]"
 fi
+# The optional Hugging Face extra (transformers, safetensors): the converters' tests build tiny
+# Hugging Face models with it. numpy<2 for the same reason as above.
+if ! have transformers safetensors; then
+  log "installing the hf extra (transformers, safetensors)"
+  $PIP install --no-build-isolation "numpy<2" -e ".[hf]"
+fi
 "$VPY" -c 'import torch, detectron2, mask2former_d2; print("[setup] ready: torch", torch.__version__, "detectron2", detectron2.__version__)'
