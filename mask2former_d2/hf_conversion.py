@@ -738,7 +738,7 @@ def read_hf_folder(folder: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]
     return config, weights, pre
 
 
-def d2_cfg_for_arch(arch: Arch, task: str = "panoptic", repo_root: Optional[str] = None) -> Any:
+def d2_cfg_for_arch(arch: Arch, task: str = "semantic", repo_root: Optional[str] = None) -> Any:
     """The Detectron2 config (this project's base config + :func:`d2_opts_from_arch`) that builds
     ``arch``, with ``task``'s inference outputs switched on."""
     import os
@@ -756,7 +756,7 @@ def d2_cfg_for_arch(arch: Arch, task: str = "panoptic", repo_root: Optional[str]
     return get_maskformer_cfg(os.path.join(root, _BASE_CONFIGS[arch.kind]), opts)
 
 
-def hf_folder_to_d2(folder: str, task: str = "panoptic") -> Tuple[Any, Dict[str, torch.Tensor], Arch, ConversionReport]:
+def hf_folder_to_d2(folder: str, task: str = "semantic") -> Tuple[Any, Dict[str, torch.Tensor], Arch, ConversionReport]:
     """Converts a Hugging Face Mask2Former / MaskFormer folder.
 
     Returns:
