@@ -1,0 +1,257 @@
+"""Hugging Face conversion, against ``transformers`` itself (no download): tiny randomly initialised
+``transformers`` models converted here give the same class and mask logits as there, this
+project's models converted there give the same outputs in ``transformers``, and d2 -> HF -> d2 is
+bit-exact. Shapes: B batch, Q queries, K classes (+1 no-object), H/W input size."""
+import contextlib
+import importlib.util
+import io
+import os
+import shutil
+import tempfile
+import unittest
+
+import torch
+from detectron2.modeling import build_model
+
+from mask2former_d2.checkpoint import MaskFormerCheckpointer
+from mask2former_d2.config import get_maskformer_cfg
+from mask2former_d2.hf_conversion import UnsupportedArchitecture, arch_from_d2_cfg, hf_folder_to_d2
+from tests.common import ROOT, load_script, save_checkpoint
+
+HAVE_HF = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("safetensors") is not None
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+# 128x160 keeps every Swin stage (1/32: 4x5) larger than the tiny window of 3, so transformers'
+# Swin does not shrink its window there; stages 1-3 still need window padding.
+SIZE = (128, 160)
+TOL = 1e-4  # of the reference's range
+
+
+def _tiny_hf(kind: str, backbone: str):
+    import transformers as tf
+
+    labels = {i: f"class number {i}" for i in range(5)}
+    if backbone == "swin":
+        swin = tf.SwinConfig if kind == "mask2former" else tf.MaskFormerSwinConfig
+        bb = swin(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=3,
+                  out_features=STAGES, image_size=96)
+    else:  # the smallest depth Detectron2 builds (50), narrow
+        bb = tf.ResNetConfig(embedding_size=8, hidden_sizes=[32, 64, 128, 256], depths=[3, 4, 6, 3],
+                             layer_type="bottleneck", out_features=STAGES)
+    if kind == "mask2former":
+        config = tf.Mask2FormerConfig(
+            backbone_config=bb, hidden_dim=32, feature_size=32, mask_feature_size=32, encoder_layers=2,
+            decoder_layers=3, num_queries=8, num_labels=5, num_attention_heads=4, dim_feedforward=64,
+            id2label=labels,
+        )
+        model = tf.Mask2FormerForUniversalSegmentation(config)
+    else:
+        decoder = dict(model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                       decoder_ffn_dim=64, encoder_layers=0, num_queries=8)
+        config = tf.MaskFormerConfig(backbone_config=bb, fpn_feature_size=32, mask_feature_size=32, num_labels=5,
+                                     id2label=labels, decoder_config=decoder)
+        model = tf.MaskFormerForInstanceSegmentation(config)
+    _perturb(model)
+    return model.eval()
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Moves every parameter and BatchNorm statistic off its initial value (zero biases, unit
+    norms), so that a weight placed wrongly or not at all changes the outputs."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                b.normal_(0.0, 0.1)
+
+
+def _ours_logits(model, x: torch.Tensor):
+    """Class (B, Q, K+1) and mask (B, Q, H/4, W/4) logits of the last decoder layer, for an
+    already normalised input (as transformers takes it)."""
+    with torch.no_grad():
+        out = model.sem_seg_head(model.backbone(x))
+    return out["pred_logits"], out["pred_masks"]
+
+
+def _hf_logits(model, x: torch.Tensor):
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    return out.class_queries_logits, out.masks_queries_logits
+
+
+TINY_OPTS = [
+    "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "",
+    "MODEL.SWIN.EMBED_DIM", 32, "MODEL.SWIN.DEPTHS", [1, 1, 2, 1], "MODEL.SWIN.NUM_HEADS", [1, 2, 4, 8],
+    "MODEL.SWIN.WINDOW_SIZE", 3, "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.MASK_DIM", 32,
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5, "MODEL.MASK_FORMER.HIDDEN_DIM", 32, "MODEL.MASK_FORMER.NHEADS", 4,
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", 8, "MODEL.MASK_FORMER.DIM_FEEDFORWARD", 64,
+    "DATASETS.TEST", (),
+]
+OUR_CONFIGS = {
+    "mask2former": ("configs/coco/panoptic-segmentation/swin/maskformer2_swin_tiny_bs16_50ep.yaml",
+                    ["MODEL.MASK_FORMER.DEC_LAYERS", 3, "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", 2,
+                     "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS", 4]),
+    "maskformer": ("configs/maskformer/ade20k-150/swin/maskformer_swin_tiny_bs16_160k.yaml",
+                   ["MODEL.MASK_FORMER.DEC_LAYERS", 2]),
+}
+
+
+def _our_tiny(kind: str):
+    path, extra = OUR_CONFIGS[kind]
+    cfg = get_maskformer_cfg(os.path.join(ROOT, path), TINY_OPTS + extra)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    _perturb(model)
+    return cfg, model
+
+
+@unittest.skipUnless(HAVE_HF, "needs the hf extra (transformers, safetensors)")
+class TestHFToD2(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tool = load_script("tools/convert_hf_to_d2.py")
+        torch.manual_seed(0)
+        cls.x = torch.randn(1, 3, *SIZE)
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def check(self, kind: str, backbone: str):
+        torch.manual_seed(1)
+        hf = _tiny_hf(kind, backbone)
+        folder = os.path.join(self.tmp, f"{kind}_{backbone}")
+        hf.save_pretrained(folder)
+        out = os.path.join(self.tmp, "d2", "model.pkl")
+        lines = self.tool.convert(folder, out, task="semantic")
+        self.assertFalse([line for line in lines if line.startswith("unplaced")])
+        # Every tensor of the file is accounted for: mapped (1 or 3 per line) or skipped.
+        from safetensors.torch import load_file
+
+        stored = set(load_file(os.path.join(folder, "model.safetensors")))
+        seen = set()
+        for line in lines:
+            if line.startswith("mapped"):
+                seen.update(line.split()[1:-2][::2])
+            elif line.startswith("skipped"):
+                seen.add(line.split()[1])
+        self.assertEqual(seen, stored)
+
+        cfg = get_maskformer_cfg(os.path.join(self.tmp, "d2", "model.yaml"), ["MODEL.DEVICE", "cpu"])
+        ours = build_model(cfg).eval()
+        MaskFormerCheckpointer(ours).load(out)
+        for name, theirs, mine in zip(("class", "mask"), _hf_logits(hf, self.x), _ours_logits(ours, self.x)):
+            self.assertEqual(theirs.shape, mine.shape, name)
+            err = (theirs - mine).abs().max().item() / (theirs.max() - theirs.min()).item()
+            self.assertLess(err, TOL, f"{kind}/{backbone} {name} logits")
+        return cfg
+
+    def test_mask2former_swin(self):
+        cfg = self.check("mask2former", "swin")
+        self.assertEqual(cfg.MODEL.BACKBONE.NAME, "D2SwinTransformer")
+        self.assertEqual(cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES, 8)
+        self.assertEqual(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 5)
+        with open(os.path.join(self.tmp, "d2", "model.yaml")) as f:
+            self.assertIn("#   4: class number 4", f.read())
+
+    def test_maskformer_swin(self):
+        cfg = self.check("maskformer", "swin")
+        self.assertEqual(cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME, "BasePixelDecoder")
+
+    def test_mask2former_resnet(self):
+        cfg = self.check("mask2former", "resnet")
+        self.assertEqual((cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.STRIDE_IN_1X1), (50, False))
+
+    def test_maskformer_resnet(self):
+        self.check("maskformer", "resnet")
+
+    def test_refuses_what_it_cannot_express(self):
+        import transformers as tf
+
+        hf = _tiny_hf("mask2former", "swin")
+        hf.config.backbone_config.use_absolute_embeddings = True
+        folder = os.path.join(self.tmp, "ape")
+        hf.save_pretrained(folder)
+        with self.assertRaisesRegex(UnsupportedArchitecture, "use_absolute_embeddings"):
+            hf_folder_to_d2(folder)
+        convnext = tf.Mask2FormerConfig(backbone_config=tf.ConvNextConfig(out_features=STAGES))
+        folder = os.path.join(self.tmp, "convnext")
+        convnext.save_pretrained(folder)
+        torch.save({}, os.path.join(folder, "pytorch_model.bin"))
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = self.tool.main([folder, os.path.join(self.tmp, "x.pkl")])
+        self.assertEqual(code, 2)
+        errors = stderr.getvalue().splitlines()
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("backbone model_type='convnext'", errors[0])
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "x.pkl")))
+
+
+@unittest.skipUnless(HAVE_HF, "needs the hf extra (transformers, safetensors)")
+class TestD2ToHF(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tool = load_script("tools/convert_d2_to_hf.py")
+        torch.manual_seed(0)
+        cls.x = torch.randn(1, 3, *SIZE)
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def to_hf(self, kind: str):
+        cfg, model = _our_tiny(kind)
+        weights = save_checkpoint(model, self.tmp, "pkl")
+        folder = os.path.join(self.tmp, "hf")
+        lines = self.tool.convert(cfg, weights, folder)
+        self.assertFalse([line for line in lines if line.startswith("unplaced")])
+        return cfg, model, folder
+
+    def check_outputs(self, kind: str):
+        import transformers as tf
+
+        cfg, model, folder = self.to_hf(kind)
+        cls = tf.Mask2FormerForUniversalSegmentation if kind == "mask2former" else tf.MaskFormerForInstanceSegmentation
+        hf = cls.from_pretrained(folder).eval()
+        for name, mine, theirs in zip(("class", "mask"), _ours_logits(model, self.x), _hf_logits(hf, self.x)):
+            self.assertEqual(theirs.shape, mine.shape, name)
+            err = (theirs - mine).abs().max().item() / (mine.max() - mine.min()).item()
+            self.assertLess(err, TOL, f"{kind} {name} logits")
+        processor = tf.AutoImageProcessor.from_pretrained(folder)
+        self.assertEqual([round(m * 255, 3) for m in processor.image_mean], list(cfg.MODEL.PIXEL_MEAN))
+
+    def test_mask2former_outputs_in_transformers(self):
+        self.check_outputs("mask2former")
+
+    def test_maskformer_outputs_in_transformers(self):
+        self.check_outputs("maskformer")
+
+    def test_round_trip_is_bit_exact(self):
+        for kind in ("mask2former", "maskformer"):
+            with self.subTest(kind=kind):
+                _, model, folder = self.to_hf(kind)
+                _, back, _, _ = hf_folder_to_d2(folder)
+                original = model.state_dict()
+                self.assertEqual(set(back), set(original))
+                changed = [k for k in original if not torch.equal(back[k], original[k])]
+                self.assertEqual(changed, [])
+                shutil.rmtree(folder)
+
+    def test_refuses_what_transformers_cannot_express(self):
+        cfg = get_maskformer_cfg(
+            os.path.join(ROOT, "configs/maskformer/ade20k-150/maskformer_R101c_bs16_160k.yaml"), ["MODEL.DEVICE", "cpu"]
+        )
+        with self.assertRaisesRegex(UnsupportedArchitecture, "STEM_TYPE"):
+            arch_from_d2_cfg(cfg)
+        cfg = get_maskformer_cfg(
+            os.path.join(ROOT, "configs/youtubevis_2019/video_maskformer2_R50_bs16_8ep.yaml"), ["MODEL.DEVICE", "cpu"]
+        )
+        with self.assertRaisesRegex(UnsupportedArchitecture, "META_ARCHITECTURE"):
+            arch_from_d2_cfg(cfg)
+
+
+if __name__ == "__main__":
+    unittest.main()
