@@ -290,7 +290,8 @@ def arch_from_d2_cfg(cfg: Any, class_names: Optional[Sequence[str]] = None) -> A
             raise _refuse("MODEL.SEM_SEG_HEAD N_POINTS/COMMON_STRIDE other than 4: transformers fixes both at 4")
     elif pair == ("BasePixelDecoder", "StandardTransformerDecoder"):
         kind = "maskformer"
-        if mf.TRANSFORMER_IN_FEATURE != "res5" or mf.ENC_LAYERS != 0 or head.TRANSFORMER_ENC_LAYERS != 0:
+        # (BasePixelDecoder ignores SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS.)
+        if mf.TRANSFORMER_IN_FEATURE != "res5" or mf.ENC_LAYERS != 0:
             raise _refuse(
                 f"MaskFormer with TRANSFORMER_IN_FEATURE={mf.TRANSFORMER_IN_FEATURE}, ENC_LAYERS={mf.ENC_LAYERS}: "
                 "transformers' MaskFormer decodes res5 without an encoder"
