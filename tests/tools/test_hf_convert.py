@@ -20,8 +20,8 @@ from tests.common import ROOT, load_script, save_checkpoint
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("safetensors") is not None
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
-# 128x160 keeps every Swin stage (1/32: 4x5) larger than the tiny window of 3, so transformers'
-# Swin does not shrink its window there; stages 1-3 still need window padding.
+# At 128x160 the Swin stages (32x40 .. 4x5) are not multiples of the tiny window of 3: both sides
+# pad their windows.
 SIZE = (128, 160)
 TOL = 1e-4  # of the reference's range
 
