@@ -17,6 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from mask2former_d2 import model_zoo
+from mask2former_d2.checkpoint import MaskFormerCheckpointer
 from tests.common import ROOT, save_checkpoint, tiny_cfg
 
 
@@ -118,10 +119,11 @@ class TestDownload(unittest.TestCase):
             self.assertTrue(torch.equal(ours[k], theirs[k]), k)
 
     def test_weights_by_name_downloaded_once(self):
-        for _ in range(2):
+        # Through Detectron2's checkpointer and this project's (as train_net.py and Predictor load).
+        for checkpointer in (DetectionCheckpointer, MaskFormerCheckpointer):
             torch.manual_seed(1)
             fresh = build_model(self.cfg)
-            DetectionCheckpointer(fresh).load("zoo://test/tiny/R18")
+            checkpointer(fresh).load("zoo://test/tiny/R18")
             self.assert_same_weights(fresh)
         self.assertEqual(self.server.handler.requests, [f"/maskformer/test/tiny/{self.file}"])
         local = model_zoo.get_local_path("test/tiny/R18")
