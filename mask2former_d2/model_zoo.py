@@ -19,9 +19,10 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional, Sequence
 from urllib.parse import urlparse
 
 from detectron2.utils.file_io import PathManager
@@ -188,13 +189,13 @@ def download(name: str, url: Optional[str] = None, cache_dir: Optional[str] = No
         return local
     logger.info("model zoo: downloading %s to %s", remote, local)
     try:
-        fetched = PathManager.get_local_path(remote, cache_dir=get_cache_dir(cache_dir))
+        # force: Detectron2's handler remembers URLs it fetched before, possibly into another cache.
+        fetched = PathManager.get_local_path(remote, force=True, cache_dir=get_cache_dir(cache_dir))
     except OSError as e:  # urllib's URLError/HTTPError are OSErrors
         reason = getattr(e, "reason", None) or e
         raise OSError(
             f"zoo://{name}: cannot download {remote} ({reason}); download it by hand to {local}"
         ) from None
-    assert os.path.abspath(fetched) == os.path.abspath(local), (fetched, local)
     try:
         verify(name, fetched)
     except ValueError:
@@ -213,7 +214,7 @@ class ZooPathHandler(PathHandler):
     def _get_local_path(self, path: str, force: bool = False, **kwargs: Any) -> str:
         return download(path[len(PREFIX):])
 
-    def _open(self, path: str, mode: str = "r", buffering: int = -1, **kwargs: Any):
+    def _open(self, path: str, mode: str = "r", buffering: int = -1, **kwargs: Any) -> IO:
         if "w" in mode or "a" in mode:
             raise ValueError(f"{path}: zoo:// paths are read-only (mode {mode!r})")
         return open(self._get_local_path(path), mode)
@@ -236,3 +237,36 @@ def _register() -> None:
 
 
 _register()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m mask2former_d2.model_zoo list | info NAME | download NAME``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The published checkpoints, by name (zoo://<name>).")
+    parser.add_argument("command", choices=["list", "info", "download"])
+    parser.add_argument("name", nargs="?", help="a checkpoint name, e.g. coco/panoptic/R50")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for c in list_checkpoints():
+            print(f"{c.name:45s} {c.published}")
+        return 0
+    if not args.name:
+        parser.error(f"{args.command} needs a NAME")
+    try:
+        ckpt = get(args.name)
+        if args.command == "info":
+            rows = [("name", f"zoo://{ckpt.name}"), ("config", ckpt.config), ("url", get_url(ckpt.name)),
+                    ("cached at", get_local_path(ckpt.name)), ("md5", ckpt.md5_prefix + "..."),
+                    ("published", ckpt.published)]
+            print("\n".join(f"{k + ':':10s} {v}" for k, v in rows))
+        else:
+            print(download(ckpt.name))
+    except (KeyError, OSError, ValueError) as e:
+        print(f"model_zoo: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

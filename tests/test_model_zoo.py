@@ -1,7 +1,9 @@
 """The model zoo: the table against the repository, and ``zoo://`` names downloaded from a local
 HTTP server on 127.0.0.1 (never the outside network) through Detectron2's checkpointer."""
+import contextlib
 import hashlib
 import http.server
+import io
 import os
 import shutil
 import socket
@@ -75,6 +77,30 @@ class TestTable(unittest.TestCase):
     def test_unknown_name(self):
         with self.assertRaisesRegex(KeyError, "coco/panoptic/swin_tiny"):
             model_zoo.get("coco/panoptic/swin_tiyn")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assertEqual(model_zoo.main(["info", "coco/panoptic/swin_tiyn"]), 2)
+        self.assertEqual(len(err.getvalue().splitlines()), 1)
+
+    def test_info_command(self):
+        out = io.StringIO()
+        cache = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, cache)
+        with contextlib.redirect_stdout(out), mock.patch.dict(os.environ, {"FVCORE_CACHE": cache}):
+            self.assertEqual(model_zoo.main(["info", "ytvis_2019/video/swin_tiny"]), 0)
+        lines = dict(line.split(": ", 1) for line in out.getvalue().splitlines())
+        self.assertEqual(lines["config"].strip(),
+                         "configs/youtubevis_2019/swin/video_maskformer2_swin_tiny_bs16_8ep.yaml")
+        self.assertEqual(
+            lines["url"].strip(),
+            "https://dl.fbaipublicfiles.com/maskformer/video_mask2former/ytvis_2019/"
+            "video_maskformer2_swin_tiny_bs16_8ep/model_final_26fffe.pkl",
+        )
+        self.assertEqual(
+            lines["cached at"].strip(),
+            f"{cache}/maskformer/video_mask2former/ytvis_2019/video_maskformer2_swin_tiny_bs16_8ep/"
+            "model_final_26fffe.pkl",
+        )
 
 
 class TestDownload(unittest.TestCase):
