@@ -118,6 +118,7 @@ class Arch:
     class_names: List[str] = field(default_factory=list)
     pixel_mean: Optional[List[float]] = None  # 0-255 RGB
     pixel_std: Optional[List[float]] = None
+    test_size: Optional[Tuple[int, int]] = None  # shortest, longest edge at inference
 
     @property
     def stage_channels(self) -> List[int]:
@@ -265,6 +266,9 @@ def arch_from_hf_config(config: Any, preprocessor: Optional[Dict[str, Any]] = No
         if mean and std:
             arch.pixel_mean = [float(m) * scale for m in mean]
             arch.pixel_std = [float(s) * scale for s in std]
+        size = preprocessor.get("size") or {}
+        if isinstance(size, dict) and size.get("shortest_edge") and size.get("longest_edge"):
+            arch.test_size = (int(size["shortest_edge"]), int(size["longest_edge"]))
     return arch
 
 
@@ -401,6 +405,8 @@ def d2_opts_from_arch(arch: Arch) -> List[Any]:
         ]
     if arch.pixel_mean is not None:
         opts += ["MODEL.PIXEL_MEAN", list(arch.pixel_mean), "MODEL.PIXEL_STD", list(arch.pixel_std)]
+    if arch.test_size is not None:
+        opts += ["INPUT.MIN_SIZE_TEST", arch.test_size[0], "INPUT.MAX_SIZE_TEST", arch.test_size[1]]
     return opts
 
 

@@ -119,11 +119,13 @@ class TestHFToD2(unittest.TestCase):
         self.tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.tmp)
 
-    def check(self, kind: str, backbone: str):
+    def check(self, kind: str, backbone: str, processor=None):
         torch.manual_seed(1)
         hf = _tiny_hf(kind, backbone)
         folder = os.path.join(self.tmp, f"{kind}_{backbone}")
         hf.save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
         out = os.path.join(self.tmp, "d2", "model.pkl")
         lines = self.tool.convert(folder, out, task="semantic")
         self.assertFalse([line for line in lines if line.startswith("unplaced")])
@@ -149,7 +151,15 @@ class TestHFToD2(unittest.TestCase):
         return cfg
 
     def test_mask2former_swin(self):
-        cfg = self.check("mask2former", "swin")
+        import transformers as tf
+
+        processor = tf.Mask2FormerImageProcessor(
+            image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3], size={"shortest_edge": 512, "longest_edge": 900}
+        )
+        cfg = self.check("mask2former", "swin", processor)
+        self.assertEqual([round(v, 4) for v in cfg.MODEL.PIXEL_MEAN], [127.5, 102.0, 76.5])
+        self.assertEqual([round(v, 4) for v in cfg.MODEL.PIXEL_STD], [51.0, 63.75, 76.5])
+        self.assertEqual((cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST), (512, 900))
         self.assertEqual(cfg.MODEL.BACKBONE.NAME, "D2SwinTransformer")
         self.assertEqual(cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES, 8)
         self.assertEqual(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 5)
