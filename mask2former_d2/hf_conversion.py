@@ -120,16 +120,6 @@ class Arch:
     pixel_std: Optional[List[float]] = None
     test_size: Optional[Tuple[int, int]] = None  # shortest, longest edge at inference
 
-    @property
-    def stage_channels(self) -> List[int]:
-        if self.backbone == "swin":
-            return [self.swin["embed_dim"] * 2**i for i in range(4)]
-        return [self.resnet["res2_out_channels"] * 2**i for i in range(4)]
-
-    @property
-    def depths(self) -> List[int]:
-        return list(self.swin["depths"] if self.backbone == "swin" else self.resnet["depths"])
-
 
 _ENCODER_DIM_FEEDFORWARD = 1024  # fixed in the published pixel decoder
 _RESNET_DEPTHS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}

@@ -26,7 +26,8 @@ SIZE = (128, 160)
 TOL = 1e-4  # of the reference's range
 
 
-def _tiny_hf(kind: str, backbone: str):
+def _tiny_hf(kind: str, backbone: str, **overrides):
+    """A tiny ``transformers`` model; ``overrides`` replace Mask2FormerConfig arguments."""
     import transformers as tf
 
     labels = {i: f"class number {i}" for i in range(5)}
@@ -38,11 +39,12 @@ def _tiny_hf(kind: str, backbone: str):
         bb = tf.ResNetConfig(embedding_size=8, hidden_sizes=[32, 64, 128, 256], depths=[3, 4, 6, 3],
                              layer_type="bottleneck", out_features=STAGES)
     if kind == "mask2former":
-        config = tf.Mask2FormerConfig(
+        kwargs = dict(
             backbone_config=bb, hidden_dim=32, feature_size=32, mask_feature_size=32, encoder_layers=2,
             decoder_layers=3, num_queries=8, num_labels=5, num_attention_heads=4, dim_feedforward=64,
             id2label=labels,
         )
+        config = tf.Mask2FormerConfig(**{**kwargs, **overrides})
         model = tf.Mask2FormerForUniversalSegmentation(config)
     else:
         decoder = dict(model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4,
@@ -119,10 +121,10 @@ class TestHFToD2(unittest.TestCase):
         self.tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.tmp)
 
-    def check(self, kind: str, backbone: str, processor=None):
+    def check(self, kind: str, backbone: str, processor=None, **overrides):
         torch.manual_seed(1)
-        hf = _tiny_hf(kind, backbone)
-        folder = os.path.join(self.tmp, f"{kind}_{backbone}")
+        hf = _tiny_hf(kind, backbone, **overrides)
+        folder = os.path.join(self.tmp, f"{kind}_{backbone}_{len(os.listdir(self.tmp))}")
         hf.save_pretrained(folder)
         if processor is not None:
             processor.save_pretrained(folder)
@@ -165,6 +167,15 @@ class TestHFToD2(unittest.TestCase):
         self.assertEqual(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 5)
         with open(os.path.join(self.tmp, "d2", "model.yaml")) as f:
             self.assertIn("#   4: class number 4", f.read())
+
+    def test_mask2former_variants(self):
+        # Pre-norm decoder layers; input projections in the decoder (forced, or because the pixel
+        # decoder is narrower than the queries); a mask embedding of another width.
+        for overrides in ({"pre_norm": True}, {"enforce_input_projection": True},
+                          {"hidden_dim": 64, "feature_size": 32, "mask_feature_size": 48}):
+            with self.subTest(**overrides):
+                cfg = self.check("mask2former", "swin", **overrides)
+                self.assertEqual(cfg.MODEL.MASK_FORMER.PRE_NORM, overrides.get("pre_norm", False))
 
     def test_maskformer_swin(self):
         cfg = self.check("maskformer", "swin")
