@@ -119,14 +119,17 @@ class TestDownload(unittest.TestCase):
         cls.md5 = _md5(src)
         cls.file = f"model_final_{cls.md5[:6]}.pkl"
         shutil.copy(src, os.path.join(folder, cls.file))
+        # The registered names are removed again when the class is done (the table is global).
+        cls.table = mock.patch.dict(model_zoo._table()["by_name"])
+        cls.table.start()
         base = model_zoo.get("coco/panoptic/R50")
         for name, prefix in [("test/tiny/R18", cls.md5[:6]), ("test/tiny/wrong_md5", "000000")]:
-            if name not in {c.name for c in model_zoo.list_checkpoints()}:
-                model_zoo.register(replace(base, name=name, config=None, file=cls.file,
-                                           path=f"test/tiny/{cls.file}", md5_prefix=prefix))
+            model_zoo.register(replace(base, name=name, config=None, file=cls.file,
+                                       path=f"test/tiny/{cls.file}", md5_prefix=prefix))
 
     @classmethod
     def tearDownClass(cls):
+        cls.table.stop()
         shutil.rmtree(cls.tmp)
 
     def setUp(self):
