@@ -119,9 +119,22 @@ class Arch:
     pixel_mean: Optional[List[float]] = None  # 0-255 RGB
     pixel_std: Optional[List[float]] = None
     test_size: Optional[Tuple[int, int]] = None  # shortest, longest edge at inference
+    loss: Dict[str, float] = field(default_factory=dict)  # MODEL.MASK_FORMER.<key> -> value
 
 
 _ENCODER_DIM_FEEDFORWARD = 1024  # fixed in the published pixel decoder
+# Training settings kept across (MODEL.MASK_FORMER key -> transformers config key, per kind).
+_LOSS_KEYS = {
+    "mask2former": {
+        "NO_OBJECT_WEIGHT": "no_object_weight", "CLASS_WEIGHT": "class_weight", "MASK_WEIGHT": "mask_weight",
+        "DICE_WEIGHT": "dice_weight", "TRAIN_NUM_POINTS": "train_num_points",
+        "OVERSAMPLE_RATIO": "oversample_ratio", "IMPORTANCE_SAMPLE_RATIO": "importance_sample_ratio",
+    },
+    "maskformer": {
+        "NO_OBJECT_WEIGHT": "no_object_weight", "CLASS_WEIGHT": "cross_entropy_weight",
+        "MASK_WEIGHT": "mask_weight", "DICE_WEIGHT": "dice_weight",
+    },
+}
 _RESNET_DEPTHS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
 
@@ -250,6 +263,9 @@ def arch_from_hf_config(config: Any, preprocessor: Optional[Dict[str, Any]] = No
             **arch_kw,
         )
     arch.class_names = _class_names(config, num_classes)
+    for ours, theirs in _LOSS_KEYS[kind].items():
+        if _get(config, theirs) is not None:
+            arch.loss[ours] = _get(config, theirs)
     if preprocessor:
         mean, std = preprocessor.get("image_mean"), preprocessor.get("image_std")
         scale = 255.0 if preprocessor.get("do_rescale", True) else 1.0
@@ -349,7 +365,8 @@ def arch_from_d2_cfg(cfg: Any, class_names: Optional[Sequence[str]] = None) -> A
         conv_dim=head.CONVS_DIM, mask_dim=head.MASK_DIM, num_heads=mf.NHEADS,
         dim_feedforward=mf.DIM_FEEDFORWARD, dec_layers=mf.DEC_LAYERS, enc_layers=head.TRANSFORMER_ENC_LAYERS,
         pre_norm=bool(mf.PRE_NORM), enforce_input_proj=bool(mf.ENFORCE_INPUT_PROJ), dropout=float(mf.DROPOUT),
-        class_names=names, pixel_mean=list(m.PIXEL_MEAN), pixel_std=list(m.PIXEL_STD), **kw,
+        class_names=names, pixel_mean=list(m.PIXEL_MEAN), pixel_std=list(m.PIXEL_STD),
+        loss={k: mf[k] for k in _LOSS_KEYS[kind]}, **kw,
     )
 
 
@@ -397,6 +414,8 @@ def d2_opts_from_arch(arch: Arch) -> List[Any]:
         opts += ["MODEL.PIXEL_MEAN", list(arch.pixel_mean), "MODEL.PIXEL_STD", list(arch.pixel_std)]
     if arch.test_size is not None:
         opts += ["INPUT.MIN_SIZE_TEST", arch.test_size[0], "INPUT.MAX_SIZE_TEST", arch.test_size[1]]
+    for key, value in arch.loss.items():
+        opts += [f"MODEL.MASK_FORMER.{key}", value]
     return opts
 
 
@@ -429,6 +448,7 @@ def hf_config_from_arch(arch: Arch) -> Any:
             dim_feedforward=arch.dim_feedforward, pre_norm=arch.pre_norm, dropout=arch.dropout,
             enforce_input_projection=arch.enforce_input_proj, num_queries=arch.num_queries,
             num_labels=arch.num_classes, id2label=labels, label2id={n: i for i, n in labels.items()},
+            **{_LOSS_KEYS["mask2former"][k]: v for k, v in arch.loss.items()},
         )
     decoder = {
         "model_type": "detr", "d_model": arch.hidden_dim, "decoder_layers": arch.dec_layers,
@@ -438,7 +458,7 @@ def hf_config_from_arch(arch: Arch) -> Any:
     return tf.MaskFormerConfig(
         backbone_config=backbone, decoder_config=decoder, fpn_feature_size=arch.conv_dim,
         mask_feature_size=arch.mask_dim, num_labels=arch.num_classes, id2label=labels,
-        label2id={n: i for i, n in labels.items()},
+        label2id={n: i for i, n in labels.items()}, **{_LOSS_KEYS["maskformer"][k]: v for k, v in arch.loss.items()},
     )
 
 
@@ -595,6 +615,8 @@ _SKIP_D2 = [
     (r"\.relative_position_index$", "buffer computed from the window size"),
     (r"^(pixel_mean|pixel_std)$", "normalisation constants, written to the config"),
 ]
+# Tensors here that a checkpoint there may lack and that the model built here computes.
+_DERIVED_D2 = {"criterion.empty_weight": "computed from MODEL.MASK_FORMER.NO_OBJECT_WEIGHT"}
 
 
 def _skip_reason(key: str, table: List[Tuple[str, str]]) -> Optional[str]:
@@ -624,6 +646,8 @@ def hf_to_d2_state_dict(hf_sd: Dict[str, torch.Tensor], arch: Arch) -> Tuple[Dic
             out[rule.d2] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
             used.update(found)
             report.mapped.append((" + ".join(found), rule.d2))
+        elif rule.d2 in _DERIVED_D2 and not any(found):
+            report.skipped.append((rule.d2, f"not in the checkpoint; {_DERIVED_D2[rule.d2]}"))
         else:
             report.unplaced.append(f"{rule.d2} (no {', '.join(k for k, f in zip(rule.hf, found) if not f)})")
     for key in hf_sd:
@@ -781,7 +805,7 @@ def hf_folder_to_d2(folder: str, task: str = "semantic") -> Tuple[Any, Dict[str,
     reference = build_model(cfg).state_dict()
     for key, value in reference.items():
         if key not in sd:
-            why = _skip_reason(key, _SKIP_D2)
+            why = _DERIVED_D2.get(key) or _skip_reason(key, _SKIP_D2)
             if why is None:
                 raise ValueError(f"{folder}: nothing in the checkpoint fills {key}")
             sd[key] = value

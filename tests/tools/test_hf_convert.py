@@ -177,6 +177,22 @@ class TestHFToD2(unittest.TestCase):
                 cfg = self.check("mask2former", "swin", **overrides)
                 self.assertEqual(cfg.MODEL.MASK_FORMER.PRE_NORM, overrides.get("pre_norm", False))
 
+    def test_training_settings_and_a_missing_loss_buffer(self):
+        from safetensors.torch import load_file, save_file
+
+        hf = _tiny_hf("mask2former", "swin", no_object_weight=0.05, class_weight=3.0, train_num_points=999)
+        folder = os.path.join(self.tmp, "no_empty_weight")
+        hf.save_pretrained(folder)
+        weights = load_file(os.path.join(folder, "model.safetensors"))
+        del weights["criterion.empty_weight"]
+        save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        cfg, sd, _, report = hf_folder_to_d2(folder)
+        mf = cfg.MODEL.MASK_FORMER
+        self.assertEqual((mf.NO_OBJECT_WEIGHT, mf.CLASS_WEIGHT, mf.TRAIN_NUM_POINTS), (0.05, 3.0, 999))
+        # Rebuilt here from NO_OBJECT_WEIGHT: the same as the buffer transformers had.
+        self.assertTrue(torch.equal(sd["criterion.empty_weight"], hf.criterion.empty_weight))
+        self.assertIn("criterion.empty_weight", [k for k, _ in report.skipped])
+
     def test_maskformer_swin(self):
         cfg = self.check("maskformer", "swin")
         self.assertEqual(cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME, "BasePixelDecoder")
@@ -241,6 +257,8 @@ class TestD2ToHF(unittest.TestCase):
             self.assertEqual(theirs.shape, mine.shape, name)
             err = (theirs - mine).abs().max().item() / (mine.max() - mine.min()).item()
             self.assertLess(err, TOL, f"{kind} {name} logits")
+        self.assertEqual(hf.config.no_object_weight, cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT)
+        self.assertEqual(hf.config.mask_weight, cfg.MODEL.MASK_FORMER.MASK_WEIGHT)
         processor = tf.AutoImageProcessor.from_pretrained(folder)
         self.assertEqual([round(m * 255, 3) for m in processor.image_mean], list(cfg.MODEL.PIXEL_MEAN))
 
