@@ -25,7 +25,7 @@ import re
 import sys
 from typing import List, Optional, Sequence
 
-from mask2former_d2.hf_conversion import UnsupportedArchitecture, d2_to_hf_model
+from mask2former_d2.hf_conversion import UnsupportedArchitecture, arch_from_d2_cfg, d2_to_hf_model
 
 logger = logging.getLogger("convert_d2_to_hf")
 
@@ -78,6 +78,7 @@ def convert(
 
     from mask2former_d2.checkpoint import MaskFormerCheckpointer
 
+    arch_from_d2_cfg(cfg)  # refuses an architecture transformers cannot express before any work
     model = build_model(cfg).eval()
     MaskFormerCheckpointer(model).load(weights)
     names = class_names_for(cfg, class_names_file, config_file)

@@ -285,6 +285,15 @@ class TestD2ToHF(unittest.TestCase):
         )
         with self.assertRaisesRegex(UnsupportedArchitecture, "STEM_TYPE"):
             arch_from_d2_cfg(cfg)
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = self.tool.main(["--config-file", os.path.join(ROOT, "configs/maskformer/ade20k-150/"
+                                   "maskformer_R101c_bs16_160k.yaml"), "--weights", "unused.pkl",
+                                   "--output", os.path.join(self.tmp, "out")])
+        self.assertEqual(code, 2)
+        self.assertEqual(len(stderr.getvalue().splitlines()), 1, stderr.getvalue())
+        self.assertIn("STEM_TYPE=deeplab", stderr.getvalue())
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "out")))
         cfg = get_maskformer_cfg(
             os.path.join(ROOT, "configs/youtubevis_2019/video_maskformer2_R50_bs16_8ep.yaml"), ["MODEL.DEVICE", "cpu"]
         )
