@@ -614,6 +614,7 @@ _SKIP_HF = [
 _SKIP_D2 = [
     (r"\.relative_position_index$", "buffer computed from the window size"),
     (r"^(pixel_mean|pixel_std)$", "normalisation constants, written to the config"),
+    (r"\.num_batches_tracked$", "BatchNorm counter (BN/SyncBN configs), not used at inference"),
 ]
 # Tensors here that a checkpoint there may lack and that the model built here computes.
 _DERIVED_D2 = {"criterion.empty_weight": "computed from MODEL.MASK_FORMER.NO_OBJECT_WEIGHT"}
