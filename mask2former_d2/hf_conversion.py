@@ -8,8 +8,9 @@ Two architectures map, each with a Swin (any size) or a ResNet backbone:
   ``StandardTransformerDecoder`` (DETR decoder on ``res5``).
 
 The ResNets that ``transformers``' ``ResNetConfig`` can express are the bottleneck ResNets with a
-7x7 stem, one group, width 64 and no dilation or deformable convolution (Detectron2's R50/R101/R152,
-with the stride in the 3x3 or, ``downsample_in_bottleneck``, in the 1x1 convolution). The DeepLab
+7x7 stem, one group, a bottleneck a quarter of the block width and no dilation or deformable
+convolution (Detectron2's R50/R101/R152, with the stride in the 3x3 or, ``downsample_in_bottleneck``,
+in the 1x1 convolution). The DeepLab
 stem of ``R101c`` (three 3x3 convolutions) has no counterpart and is refused.
 
 The mapping is a list of rules built from the architecture's sizes: each rule pairs one tensor
@@ -18,8 +19,9 @@ the three ``(C, C)`` query/key/value tensors there, concatenated along dim 0 in 
 Face names are first brought to one canonical spelling (:func:`canonical_hf_key`) so that the
 names of several ``transformers`` versions and of its two Swin implementations map the same way.
 
-Everything here works on state dicts and plain config values; ``transformers`` is imported only by
-the functions that build its config objects.
+Hugging Face -> here reads the folder's files directly (``safetensors``, no ``transformers``);
+``transformers`` is imported only to build its configs and models (here -> Hugging Face).
+Shapes: C channels; tensors are only renamed, split or concatenated, never cast.
 """
 import re
 from dataclasses import dataclass, field
@@ -30,7 +32,8 @@ import torch
 __all__ = [
     "ConversionReport", "UnsupportedArchitecture", "canonical_hf_key", "Arch",
     "arch_from_hf_config", "arch_from_d2_cfg", "d2_opts_from_arch", "hf_config_from_arch",
-    "hf_to_d2_state_dict", "d2_to_hf_state_dict",
+    "hf_to_d2_state_dict", "d2_to_hf_state_dict", "read_hf_folder", "d2_cfg_for_arch", "hf_folder_to_d2",
+    "d2_to_hf_model",
 ]
 
 HF_ENC = "model.pixel_level_module.encoder."
