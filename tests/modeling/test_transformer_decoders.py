@@ -281,9 +281,18 @@ class TestMultiScaleMaskedTransformerDecoder(unittest.TestCase):
     def test_without_mask_classification(self):
         dec = _mask2former(mask_classification=False, num_layers=2).train()
         self.assertFalse(hasattr(dec, "class_embed"))
-        out = dec(*_inputs())
+        x, mf = _inputs()
+        with torch.no_grad():
+            out = dec(x, mf)
+            # The class head only adds logits: the masks are those of the same weights with it.
+            full = _mask2former(num_layers=2).train()
+            missing, unexpected = full.load_state_dict(dec.state_dict(), strict=False)
+            self.assertEqual((sorted(missing), unexpected), (["class_embed.bias", "class_embed.weight"], []))
+            ref = _naive_mask2former(full, x, mf, pre_norm=False)
         self.assertNotIn("pred_logits", out)
         self.assertEqual([set(a) for a in out["aux_outputs"]], [{"pred_masks"}] * 2)
+        for got, (_, masks) in zip(out["aux_outputs"] + [out], ref):
+            torch.testing.assert_close(got["pred_masks"], masks, atol=1e-4, rtol=1e-4)
 
     def test_layers_match_naive_reference(self):
         for pre_norm in (False, True):
