@@ -15,7 +15,7 @@ import tempfile
 import unittest
 from collections import OrderedDict
 from types import ModuleType
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple, TypeVar
 
 import torch
 from detectron2.structures import Instances
@@ -26,6 +26,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "quickstart", "maskformer2_R18_tiny_coco_panoptic.yaml")
 SHARED = os.environ.get("M2F_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 DATA = os.environ.get("M2F_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+
+
+_T = TypeVar("_T")
+
+
+def in_ci() -> bool:
+    """Whether the tests run under continuous integration: ``CI`` set to ``true`` or ``1``, as
+    GitHub Actions, GitLab CI and most other services set it."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def requires_fixture(available: bool, reason: str) -> Callable[[_T], _T]:
+    """Decorates a test method or ``TestCase`` that needs a shared fixture.
+
+    Outside CI, a missing fixture skips the test with ``reason`` (a clone without ``../shared``).
+    Under CI (:func:`in_ci`) it fails instead, naming ``reason``: CI always has the fixtures, so
+    a missing one must not pass unnoticed as a skip.
+    """
+    if available:
+        return lambda obj: obj
+    if not in_ci():
+        return unittest.skip(reason)
+    message = f"CI=true but a shared fixture is missing: {reason}"
+
+    def fail(obj):
+        if isinstance(obj, type):
+            def setUpClass(cls):  # noqa: N802 (unittest's name)
+                raise AssertionError(message)
+
+            obj.setUpClass = classmethod(setUpClass)
+            return obj
+
+        def failing(*args, **kwargs):
+            raise AssertionError(message)
+
+        failing.__name__, failing.__doc__ = obj.__name__, obj.__doc__
+        return failing
+
+    return fail
 
 
 def load_script(relpath: str) -> ModuleType:

@@ -140,6 +140,69 @@ def mismatches(cfg: CfgNode, path: Path) -> List[str]:
     return wrong
 
 
+# The configs of the published Mask2Former model zoo (its tables list these names).
+PUBLISHED_MODEL_ZOO = [
+    f"{prefix}/{name}.yaml"
+    for prefix, names in {
+        "coco/panoptic-segmentation": ["maskformer2_R50_bs16_50ep", "maskformer2_R101_bs16_50ep"],
+        "coco/panoptic-segmentation/swin": [
+            "maskformer2_swin_tiny_bs16_50ep", "maskformer2_swin_small_bs16_50ep",
+            "maskformer2_swin_base_384_bs16_50ep", "maskformer2_swin_base_IN21k_384_bs16_50ep",
+            "maskformer2_swin_large_IN21k_384_bs16_100ep"],
+        "coco/instance-segmentation": ["maskformer2_R50_bs16_50ep", "maskformer2_R101_bs16_50ep"],
+        "coco/instance-segmentation/swin": [
+            "maskformer2_swin_tiny_bs16_50ep", "maskformer2_swin_small_bs16_50ep",
+            "maskformer2_swin_base_384_bs16_50ep", "maskformer2_swin_base_IN21k_384_bs16_50ep",
+            "maskformer2_swin_large_IN21k_384_bs16_100ep"],
+        "ade20k/semantic-segmentation": ["maskformer2_R50_bs16_160k", "maskformer2_R101_bs16_90k"],
+        "ade20k/semantic-segmentation/swin": [
+            "maskformer2_swin_tiny_bs16_160k", "maskformer2_swin_small_bs16_160k",
+            "maskformer2_swin_base_384_bs16_160k_res640",
+            "maskformer2_swin_base_IN21k_384_bs16_160k_res640",
+            "maskformer2_swin_large_IN21k_384_bs16_160k_res640"],
+        "ade20k/panoptic-segmentation": ["maskformer2_R50_bs16_160k"],
+        "ade20k/panoptic-segmentation/swin": ["maskformer2_swin_large_IN21k_384_bs16_160k"],
+        "ade20k/instance-segmentation": ["maskformer2_R50_bs16_160k"],
+        "ade20k/instance-segmentation/swin": ["maskformer2_swin_large_IN21k_384_bs16_160k"],
+        **{
+            f"cityscapes/{task}-segmentation": ["maskformer2_R50_bs16_90k", "maskformer2_R101_bs16_90k"]
+            for task in ("semantic", "panoptic", "instance")
+        },
+        **{
+            f"cityscapes/{task}-segmentation/swin": [
+                "maskformer2_swin_tiny_bs16_90k", "maskformer2_swin_small_bs16_90k",
+                "maskformer2_swin_base_IN21k_384_bs16_90k", "maskformer2_swin_large_IN21k_384_bs16_90k"]
+            for task in ("semantic", "panoptic", "instance")
+        },
+        "mapillary-vistas/panoptic-segmentation": ["maskformer_R50_bs16_300k"],
+        "mapillary-vistas/panoptic-segmentation/swin": ["maskformer2_swin_large_IN21k_384_bs16_300k"],
+        "mapillary-vistas/semantic-segmentation": ["maskformer2_R50_bs16_300k"],
+        "mapillary-vistas/semantic-segmentation/swin": ["maskformer2_swin_large_IN21k_384_bs16_300k"],
+    }.items()
+    for name in names
+]
+# Classes of each dataset's task (COCO: 133 panoptic categories, 80 things; ADE20K: 150 / 100
+# instance classes; Cityscapes: 19 / 8 instance classes; Mapillary Vistas v1.2: 65).
+PUBLISHED_NUM_CLASSES = {
+    ("coco", "panoptic-segmentation"): 133, ("coco", "instance-segmentation"): 80,
+    ("ade20k", "semantic-segmentation"): 150, ("ade20k", "panoptic-segmentation"): 150,
+    ("ade20k", "instance-segmentation"): 100,
+    ("cityscapes", "semantic-segmentation"): 19, ("cityscapes", "panoptic-segmentation"): 19,
+    ("cityscapes", "instance-segmentation"): 8,
+    ("mapillary-vistas", "semantic-segmentation"): 65, ("mapillary-vistas", "panoptic-segmentation"): 65,
+}
+# (SEMANTIC_ON, INSTANCE_ON, PANOPTIC_ON) of the published YAMLs: a panoptic model reports PQ, AP
+# and mIoU, except on Mapillary Vistas (PQ and mIoU); ADE20K's instance configs switch all three on.
+PUBLISHED_OUTPUTS = {
+    "semantic-segmentation": (True, False, False),
+    "instance-segmentation": (False, True, False),
+    "panoptic-segmentation": (True, True, True),
+    ("ade20k", "instance-segmentation"): (True, True, True),
+    ("mapillary-vistas", "panoptic-segmentation"): (True, False, True),
+}
+SWIN_EMBED_DIM = {"tiny": 96, "small": 96, "base": 128, "large": 192}
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that rejects a mapping with a repeated key (PyYAML keeps the last one)."""
 
@@ -163,8 +226,30 @@ def _is_leaf(rel: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 class TestConfigFiles(unittest.TestCase):
-    def test_found_configs(self) -> None:
-        self.assertGreater(len(ALL_CONFIGS), 80)
+    def test_published_model_zoo(self) -> None:
+        # Every config of the published model zoo is here (so the merge and value tests below
+        # cover it) and says what its name and the published tables say: dataset classes, task
+        # outputs, backbone.
+        found = {str(p.relative_to(CONFIG_ROOT)) for p in ALL_CONFIGS}
+        for rel in PUBLISHED_MODEL_ZOO:
+            with self.subTest(config=rel):
+                self.assertIn(rel, found)
+                cfg = merged(CONFIG_ROOT / rel)
+                dataset, task = rel.split("/")[:2]
+                self.assertEqual(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, PUBLISHED_NUM_CLASSES[dataset, task])
+                test = cfg.MODEL.MASK_FORMER.TEST
+                self.assertEqual(
+                    (test.SEMANTIC_ON, test.INSTANCE_ON, test.PANOPTIC_ON),
+                    PUBLISHED_OUTPUTS.get((dataset, task), PUBLISHED_OUTPUTS[task]),
+                )
+                name = Path(rel).name
+                if "swin" in name:
+                    self.assertEqual(cfg.MODEL.BACKBONE.NAME, "D2SwinTransformer")
+                    size = name.split("_")[2]
+                    self.assertEqual(cfg.MODEL.SWIN.EMBED_DIM, SWIN_EMBED_DIM[size])
+                    self.assertEqual(cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE, 384 if "384" in name else 224)
+                else:
+                    self.assertEqual(cfg.MODEL.RESNETS.DEPTH, 101 if "R101" in name else 50)
 
     def test_every_config_merges(self) -> None:
         for path in ALL_CONFIGS:

@@ -13,8 +13,8 @@ SHARED = Path(common.SHARED)
 FIXTURES = sorted((SHARED / "fixtures" / "parity").glob("*/weights.pkl"))
 
 
-@unittest.skipUnless(
-    (SHARED / "tools" / "parity.py").is_file() and FIXTURES,
+@common.requires_fixture(
+    (SHARED / "tools" / "parity.py").is_file() and bool(FIXTURES),
     f"no parity fixtures: {SHARED}/fixtures/parity and {SHARED}/tools/parity.py are absent "
     "(they live beside the repository on the developers' machines and in CI)",
 )

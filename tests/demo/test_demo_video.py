@@ -8,8 +8,11 @@ import unittest
 import cv2
 import numpy as np
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import Metadata
+from detectron2.modeling import build_model
 
+from mask2former_d2.config import get_maskformer_cfg
 from mask2former_d2.video_predictor import VideoVisualizationDemo
 from tests.common import DATA, ROOT
 
@@ -34,8 +37,40 @@ def read_all(path):
     return frames, video.get(cv2.CAP_PROP_FPS)
 
 
+def reference_frames(frames, weights, *opts, confidence_threshold=0.5):
+    """The frames the demo should write, drawn in this process with the same weights."""
+    cfg = get_maskformer_cfg(CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights, *opts])
+    demo = VideoVisualizationDemo(cfg, confidence_threshold=confidence_threshold)
+    predictions = demo.predict(frames)
+    return list(demo.draw(frames, predictions)), predictions
+
+
 @unittest.skipUnless(os.path.isfile(CLIP), f"shared clip {CLIP} not found")
 class TestDemoVideo(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        # Fixed random weights, so that the demo's process and this one run the same model.
+        cls.tmp = tempfile.TemporaryDirectory()
+        cfg = get_maskformer_cfg(CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+        torch.manual_seed(0)
+        DetectionCheckpointer(build_model(cfg), save_dir=cls.tmp.name).save("weights")
+        cls.weights = os.path.join(cls.tmp.name, "weights.pth")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def assert_frames_match(self, written, reference, source):
+        """The written (lossy-encoded) frames are the reference drawings: much closer to them
+        than to the source frames they were drawn on."""
+        self.assertEqual(len(written), len(reference))
+        for t, (got, ref, src) in enumerate(zip(written, reference, source)):
+            self.assertEqual(got.shape, ref.shape)
+            to_ref = np.abs(got.astype(int) - ref.astype(int)).mean()
+            to_src = np.abs(ref.astype(int) - src.astype(int)).mean()
+            self.assertGreater(to_src, 1.0, t)  # something was drawn on this frame
+            self.assertLess(to_ref, 0.25 * to_src, (t, to_ref, to_src))
+
     def test_video_file_keeps_frames_size_and_fps(self):
         source, fps = read_all(CLIP)
         with tempfile.TemporaryDirectory() as d:
@@ -53,10 +88,18 @@ class TestDemoVideo(unittest.TestCase):
         source, _ = read_all(CLIP)
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "windowed.mp4")
-            proc = run_demo("--video-input", CLIP, "--output", out, "--window-size", "2", "--window-overlap", "1")
+            proc = run_demo("--video-input", CLIP, "--output", out, "--window-size", "2", "--window-overlap", "1",
+                            "--confidence-threshold", "0", "--opts", "MODEL.WEIGHTS", self.weights)
             self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
             drawn, _ = read_all(out)
-        self.assertEqual(len(drawn), len(source))
+        windowed = ("MODEL.MASK_FORMER.TEST.WINDOW_SIZE", 2, "MODEL.MASK_FORMER.TEST.WINDOW_OVERLAP", 1)
+        reference, predictions = reference_frames(source, self.weights, *windowed, confidence_threshold=0.0)
+        self.assert_frames_match(drawn, reference, source)
+        # The windowed mode was used: its tracks are not the whole clip's.
+        _, whole = reference_frames(source, self.weights, confidence_threshold=0.0)
+        self.assertNotEqual(
+            [m.sum().item() for m in predictions["pred_masks"]], [m.sum().item() for m in whole["pred_masks"]]
+        )
 
     def test_folder_of_frames(self):
         source, _ = read_all(CLIP)
@@ -65,11 +108,15 @@ class TestDemoVideo(unittest.TestCase):
             os.makedirs(frames_dir)
             for i, frame in enumerate(source[:3]):
                 cv2.imwrite(os.path.join(frames_dir, f"{i:05d}.jpg"), frame)
-            proc = run_demo("--input", frames_dir, "--output", d + "/", "--fps", "6")
+            proc = run_demo("--input", frames_dir, "--output", d + "/", "--fps", "6", "--confidence-threshold", "0",
+                            "--opts", "MODEL.WEIGHTS", self.weights)
             self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
             drawn, out_fps = read_all(os.path.join(d, "frames.mp4"))
-        self.assertEqual(len(drawn), 3)
+            # The frames as the demo read them back from the folder (JPEG-compressed), in name order.
+            frames = [cv2.imread(os.path.join(frames_dir, f"{i:05d}.jpg")) for i in range(3)]
         self.assertAlmostEqual(out_fps, 6.0, places=3)
+        reference, _ = reference_frames(frames, self.weights, confidence_threshold=0.0)
+        self.assert_frames_match(drawn, reference, frames)
 
     def test_bad_input_is_one_line(self):
         with tempfile.TemporaryDirectory() as d:

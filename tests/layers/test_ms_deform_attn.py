@@ -184,7 +184,9 @@ class TestMSDeformAttnOp(unittest.TestCase):
         value, shapes, starts, loc, attn = make_inputs([(3, 4)], b=1, q=2, m=1, num_points=1)
         loc[0, 0, 0, 0, 0, 0] = float("nan")
         out = ms_deform_attn(value, shapes, starts, loc, attn)
-        self.assertTrue(torch.isfinite(out[0, 1]).all())
+        # The other query is untouched by the NaN of query 0.
+        expected = naive_ms_deform_attn(value, shapes, loc[:, 1:], attn[:, 1:])
+        torch.testing.assert_close(out[:, 1:], expected, rtol=0, atol=1e-12)
 
     def test_bad_inputs(self):
         value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 2)])
@@ -244,10 +246,24 @@ class TestMSDeformAttnModule(unittest.TestCase):
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
     def test_box_reference_points_and_grads(self):
+        # Box references (cx, cy, w, h): offsets are in units of half the box per point count,
+        # location = centre + offset / num_points * size / 2 (Deformable DETR's two-stage form).
         attn = MSDeformAttn(embed_dim=16, num_levels=2, num_heads=4, num_points=2)
+        with torch.no_grad():
+            attn.sampling_offsets.weight.normal_(std=0.3)  # query-dependent offsets
+            attn.attention_weights.weight.normal_(std=0.3)
         query, ref, src = self._inputs(ref_dim=4)
         out = attn(query, ref, src, self.shapes, self.starts)
-        self.assertEqual(out.shape, (2, 5, 16))
+        with torch.no_grad():
+            value = attn.value_proj(src).view(2, self.s, 4, 4)
+            offsets = attn.sampling_offsets(query).view(2, 5, 4, 2, 2, 2)
+            weights = attn.attention_weights(query).view(2, 5, 4, 4).softmax(-1).view(2, 5, 4, 2, 2)
+            box = ref[:, :, None, :, None, :]  # (B, Q, 1, L, 1, 4)
+            loc = box[..., :2] + offsets / 2 * box[..., 2:] * 0.5
+            expected = attn.output_proj(
+                naive_ms_deform_attn(value.double(), self.shapes, loc.double(), weights.double()).float()
+            )
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
         out.square().sum().backward()
         missing = [n for n, p in attn.named_parameters() if p.grad is None or not p.grad.any()]
         self.assertEqual(missing, [])

@@ -7,14 +7,14 @@ checkpointer (strict key matching) and compares the 10 per-video predictions.
 import unittest
 from pathlib import Path
 
-from tests.common import SHARED, check_parity_fixtures
+from tests.common import SHARED, check_parity_fixtures, requires_fixture
 
 TOOL = Path(SHARED) / "tools" / "parity_video.py"
 FIXTURES = sorted((Path(SHARED) / "fixtures" / "parity_video").glob("*/weights.pkl"))
 
 
-@unittest.skipUnless(
-    TOOL.is_file() and FIXTURES,
+@requires_fixture(
+    TOOL.is_file() and bool(FIXTURES),
     f"no video parity fixtures: {SHARED}/fixtures/parity_video and {TOOL} are absent "
     "(they live beside the repository on the developers' machines and in CI)",
 )
