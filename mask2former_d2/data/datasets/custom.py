@@ -146,11 +146,15 @@ def _read_json(spec: DatasetSpec, path: str, what: str) -> Dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"dataset {spec.name!r}: {path}: not a valid JSON file ({e})") from None
     if not isinstance(content, dict):
-        raise ValueError(f"dataset {spec.name!r}: {path}: expected a JSON object ({what}); got a {type(content).__name__}")
+        raise ValueError(
+            f"dataset {spec.name!r}: {path}: expected a JSON object ({what}); got a {type(content).__name__}"
+        )
     return content
 
 
-def _categories(spec: DatasetSpec, path: str, content: Mapping[str, Any], *, need_isthing: bool) -> List[Dict[str, Any]]:
+def _categories(
+    spec: DatasetSpec, path: str, content: Mapping[str, Any], *, need_isthing: bool
+) -> List[Dict[str, Any]]:
     """The json's categories sorted by id, each with a ``color`` (its own or a palette colour)."""
     cats = content.get("categories")
     if not isinstance(cats, list) or not cats:
@@ -280,7 +284,8 @@ def load_sem_seg_folders(
             "(set image_suffix= / label_suffix= in the spec when the names differ by more than the extension)"
         )
     if len(keys) < len(images):
-        logger.warning("%s: %d of %d images have no label and are left out", dataset, len(images) - len(keys), len(images))
+        left_out = len(images) - len(keys)
+        logger.warning("%s: %d of %d images have no label and are left out", dataset, left_out, len(images))
     return [{"file_name": images[k], "sem_seg_file_name": labels[k]} for k in keys]
 
 
