@@ -127,10 +127,11 @@ def expand_inputs(patterns: Sequence[str]) -> List[Tuple[str, str]]:
     return sorted(items.items())
 
 
-def image_id(name: str) -> Any:
-    """The id of an input named ``name``: the number its base name is (COCO), else the name."""
+def image_id(name: str, *, frame: bool = False) -> Any:
+    """The id of an input named ``name``: the number its file name is (COCO's names), else the
+    name (always the name for a video frame, whose file name is its index in the video)."""
     base = os.path.basename(name)
-    return int(base) if base.isdigit() else name
+    return int(base) if base.isdigit() and not frame else name
 
 
 def _read_video(path: str) -> Iterator[np.ndarray]:
@@ -203,10 +204,22 @@ def _atomic_json(path: str, content: Any) -> None:
 
 
 def write_image_results(
-    out_dir: str, name: str, source: str, outputs: Dict[str, Any], categories: CategoryMap, *, probs: bool
+    out_dir: str, name: str, source: str, outputs: Dict[str, Any], categories: CategoryMap, *, probs: bool,
+    frame: bool = False,
 ) -> Dict[str, Any]:
-    """Writes one image's PNG / npz outputs and returns its part (what the json files hold)."""
-    part: Dict[str, Any] = {"image": {"id": image_id(name), "file_name": source}}
+    """Writes one image's PNG / npz outputs and returns its part (what the json files hold).
+
+    Args:
+        out_dir: the output folder.
+        name: the input's name (its path below the input folder, without extension).
+        source: the image file (``<video>#<frame index>`` for a video frame).
+        outputs: the model's output dict for the image.
+        categories: the model's classes -> the dataset's category ids.
+        probs: whether to write the semantic probabilities too.
+        frame: whether the image is a video frame (see :func:`image_id`).
+    """
+    img_id = image_id(name, frame=frame)
+    part: Dict[str, Any] = {"image": {"id": img_id, "name": name, "file_name": source}}
     if "panoptic_seg" in outputs:
         seg, infos = outputs["panoptic_seg"]
         seg = seg.to("cpu").numpy().astype(np.int64)
@@ -227,7 +240,7 @@ def write_image_results(
     if "instances" in outputs:
         instances = outputs["instances"].to("cpu")
         height, width = instances.image_size
-        results = instances_to_coco_json(instances, image_id(name))
+        results = instances_to_coco_json(instances, img_id)
         for r in results:
             r["category_id"] = categories(r["category_id"])
         part["instances"] = results
@@ -277,15 +290,15 @@ def _load_part(out_dir: str, name: str) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
-def _image_units(items: Sequence[Tuple[str, str]]) -> Iterator[Tuple[str, str, Any]]:
-    """``(name, source, loader)`` per image: an image file, or each frame of a video file
-    (named ``<video>/<frame index>``); ``loader()`` reads it (frames are decoded in order)."""
+def _image_units(items: Sequence[Tuple[str, str]]) -> Iterator[Tuple[str, str, Any, bool]]:
+    """``(name, source, loader, is_frame)`` per image: an image file, or each frame of a video
+    file (named ``<video>/<frame index>``); ``loader()`` reads it (frames are decoded in order)."""
     for name, path in items:
         if _is_video(path):
             for t, frame in enumerate(_read_video(path)):
-                yield f"{name}/{t:06d}", f"{path}#{t}", (lambda f=frame: f)
+                yield f"{name}/{t:06d}", f"{path}#{t}", (lambda f=frame: f), True
         else:
-            yield name, path, (lambda p=path: read_image(p, format="BGR"))
+            yield name, path, (lambda p=path: read_image(p, format="BGR")), False
 
 
 def run_images(
@@ -299,14 +312,14 @@ def run_images(
     total = sum(_video_length(p) if _is_video(p) else 1 for _, p in items)
     parts: List[Dict[str, Any]] = []
     computed = 0
-    pending: List[Tuple[str, str, np.ndarray]] = []
+    pending: List[Tuple[str, str, np.ndarray, bool]] = []
     progress = tqdm.tqdm(total=total, unit="img", desc="predict", bar_format=_PROGRESS_FORMAT)
 
     def flush() -> None:
         nonlocal computed
-        outputs = predictor([image for _, _, image in pending])
-        for (name, source, _), out in zip(pending, outputs):
-            part = write_image_results(out_dir, name, source, out, categories, probs=probs)
+        outputs = predictor([image for _, _, image, _ in pending])
+        for (name, source, _, frame), out in zip(pending, outputs):
+            part = write_image_results(out_dir, name, source, out, categories, probs=probs, frame=frame)
             _atomic_json(_part_path(out_dir, name), part)  # last: marks the input as done
             parts.append(part)
         computed += len(pending)
@@ -314,7 +327,7 @@ def run_images(
         pending.clear()
 
     try:
-        for name, source, load in _image_units(items):
+        for name, source, load, frame in _image_units(items):
             done = None if overwrite else _load_part(out_dir, name)
             if done is not None:
                 parts.append(done)
@@ -324,7 +337,7 @@ def run_images(
                 image = load()
             except OSError as e:
                 raise PredictError(f"{source}: cannot read the image ({e})") from None
-            pending.append((name, source, image))
+            pending.append((name, source, image, frame))
             if len(pending) == batch_size:
                 flush()
         if pending:
