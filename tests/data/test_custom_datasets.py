@@ -430,3 +430,37 @@ class TestFlagInWorkers(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipUnless(_have_data(), "needs the real samples (tests/common.py DATA)")
+class TestDemoLabels(unittest.TestCase):
+    """demo.py --dataset: the drawing is labelled with the dataset's class names."""
+
+    def test_demo_uses_the_dataset_class_names(self):
+        from detectron2.utils.visualizer import Visualizer
+
+        demo = load_script("demo/demo.py")
+        drawn = []
+        draw_sem_seg = Visualizer.draw_sem_seg
+
+        def spy(visualizer, sem_seg, **kwargs):
+            drawn.append(list(visualizer.metadata.stuff_classes))
+            return draw_sem_seg(visualizer, sem_seg, **kwargs)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            classes = write_cityscapes_classes(tmp)
+            image = os.path.join(DATA, "cityscapes", "leftImg8bit", "val", "frankfurt",
+                                 "frankfurt_000000_000294_leftImg8bit.png")
+            argv = ["--config-file", TINY_CONFIG, "--input", image, "--output", os.path.join(tmp, "vis.png"),
+                    "--dataset", cityscapes_spec("cs_demo", classes), "--opts", "MODEL.WEIGHTS", "",
+                    "DATASETS.TEST", "('cs_demo',)", "DATASETS.SET_NUM_CLASSES", "True",
+                    "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "False", "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False",
+                    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256"]
+            Visualizer.draw_sem_seg = spy
+            try:
+                self.assertEqual(demo.main(argv), 0)
+            finally:
+                Visualizer.draw_sem_seg = draw_sem_seg
+                os.environ.pop(ENV_VAR, None)
+            self.assertTrue(os.path.isfile(os.path.join(tmp, "vis.png")))
+        self.assertEqual(drawn, [CITYSCAPES_CLASSES])
