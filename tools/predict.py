@@ -421,8 +421,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg.MODEL.DEVICE = args.device
             cfg.freeze()
         validate_cfg(cfg)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise PredictError(f"config {args.config_file}: {e}") from None
+    except (ValueError, KeyError, FileNotFoundError) as e:  # the messages name the key or file
+        raise PredictError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from None
     os.makedirs(args.output, exist_ok=True)
     video_model = cfg.MODEL.META_ARCHITECTURE.startswith("Video")
     if video_model:
