@@ -172,6 +172,18 @@ class TestSpecs(unittest.TestCase):
             DatasetCatalog.get("t_nolabels")
         self.assertIn("found 1 images and 0 labels", str(ctx.exception))
 
+    def test_labels_beyond_the_class_list_are_named(self):
+        # ADE20K labels (values up to 18 in the first file) with a list of 10 classes.
+        ade = os.path.join(DATA, "ADEChallengeData2016")
+        classes = os.path.join(self.tmp, "ten_classes.txt")
+        with open(classes, "w") as f:
+            f.write("".join(f"class{i}\n" for i in range(10)))
+        self.cfg(f"t_ten:sem_seg:{ade}/images/validation,{ade}/annotations/validation,{classes}")
+        with self.assertRaises(ValueError) as ctx:
+            DatasetCatalog.get("t_ten")
+        self.assertIn("ADE_val_00000001.png has label value 18", str(ctx.exception))
+        self.assertIn("lists 10 classes", str(ctx.exception))
+
     def test_num_classes_checked_or_set(self):
         spec = cityscapes_spec("t_ncls", self.classes)
         with self.assertRaises(ValueError) as ctx:

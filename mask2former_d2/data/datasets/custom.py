@@ -29,10 +29,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.colormap import colormap
 from detectron2.utils.file_io import PathManager
+from PIL import Image
 
 from .utils import load_coco_instances_checked, panoptic_metadata, register_lazy, register_panoptic
 from .ytvis import register_ytvis_instances, ytvis_metadata
@@ -304,10 +306,19 @@ def _register_sem_seg(spec: DatasetSpec) -> None:
         )
 
     def load() -> List[Dict[str, Any]]:
-        return load_sem_seg_folders(
+        records = load_sem_seg_folders(
             spec.name, image_root, label_root,
             image_suffix=options["image_suffix"], label_suffix=options["label_suffix"],
         )
+        # Labels in another convention (e.g. raw ADE20K, 0 = other) show on the first file.
+        first = records[0]["sem_seg_file_name"]
+        values = set(np.unique(np.asarray(Image.open(first))).tolist()) - {ignore_label}
+        if values and max(values) >= len(classes):
+            raise ValueError(
+                f"dataset {spec.name!r}: {first} has label value {max(values)}, but {class_file} lists "
+                f"{len(classes)} classes (values 0..{len(classes) - 1}, ignore_label={ignore_label})"
+            )
+        return records
 
     register_lazy(
         spec.name,
