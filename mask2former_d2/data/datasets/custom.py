@@ -69,8 +69,8 @@ FORMATS: Dict[str, Tuple[Tuple[str, ...], Dict[str, str]]] = {
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPEC_SYNTAX = "NAME:FORMAT:ARG,ARG,...[,key=value]"
 
-# name -> spec text of the datasets registered here (a name registered twice must mean one thing).
-_REGISTERED: Dict[str, str] = {}
+# name -> (format, paths, options) of the datasets registered here (a name given twice must mean one thing).
+_REGISTERED: Dict[str, Tuple[Any, ...]] = {}
 
 
 @dataclass(frozen=True)
