@@ -22,7 +22,8 @@ holding frames, is one clip: ``ytvis_results.json`` (YouTube-VIS results: ``vide
 ``category_id``, ``score``, ``segmentations``: one RLE or null per frame) and ``videos.json``.
 
 Category ids are the dataset's own (from ``DATASETS.TEST[0]``'s metadata). An image's id is its
-file name's number when the name is a number (COCO's names), else its name. Each input's results
+file name's number when the name is a number (COCO's names), else its name; ``--ids-from JSON``
+takes them from a COCO / YouTube-VIS json instead. Each input's results
 are kept in ``parts/``; a run skips the inputs whose part exists (``--overwrite`` redoes them),
 and the json files are rebuilt from the parts of all inputs of the run.
 """
@@ -77,6 +78,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="also write the per-class probabilities as compressed .npz (large)")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose results exist")
     parser.add_argument("--device", default=None, help="MODEL.DEVICE (default: cpu)")
+    parser.add_argument("--ids-from", metavar="JSON",
+                        help="take image / video ids from this COCO or YouTube-VIS json (matched by file "
+                        "name / frame folder), so that the results can be scored against it")
     add_dataset_argument(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; must come last")
@@ -132,6 +136,25 @@ def image_id(name: str, *, frame: bool = False) -> Any:
     name (always the name for a video frame, whose file name is its index in the video)."""
     base = os.path.basename(name)
     return int(base) if base.isdigit() and not frame else name
+
+
+def read_ids(json_file: str) -> Dict[str, Any]:
+    """File name -> image id of a COCO json's ``images``, or frame folder -> video id of a
+    YouTube-VIS json's ``videos``.
+
+    Raises:
+        PredictError: the file is missing or has neither list.
+    """
+    try:
+        with open(json_file) as f:
+            content = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PredictError(f"--ids-from {json_file}: cannot read it as JSON ({e})") from None
+    if isinstance(content, dict) and isinstance(content.get("videos"), list):
+        return {os.path.basename(os.path.dirname(v["file_names"][0])): v["id"] for v in content["videos"]}
+    if isinstance(content, dict) and isinstance(content.get("images"), list):
+        return {os.path.basename(im["file_name"]): im["id"] for im in content["images"]}
+    raise PredictError(f"--ids-from {json_file}: has neither 'images' (COCO) nor 'videos' (YouTube-VIS)")
 
 
 def _read_video(path: str) -> Iterator[np.ndarray]:
@@ -205,7 +228,7 @@ def _atomic_json(path: str, content: Any) -> None:
 
 def write_image_results(
     out_dir: str, name: str, source: str, outputs: Dict[str, Any], categories: CategoryMap, *, probs: bool,
-    frame: bool = False,
+    frame: bool = False, ids: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Writes one image's PNG / npz outputs and returns its part (what the json files hold).
 
@@ -217,8 +240,10 @@ def write_image_results(
         categories: the model's classes -> the dataset's category ids.
         probs: whether to write the semantic probabilities too.
         frame: whether the image is a video frame (see :func:`image_id`).
+        ids: file name -> image id (``--ids-from``); other images get :func:`image_id`.
     """
-    img_id = image_id(name, frame=frame)
+    img_id = None if frame else (ids or {}).get(os.path.basename(source))
+    img_id = image_id(name, frame=frame) if img_id is None else img_id
     part: Dict[str, Any] = {"image": {"id": img_id, "name": name, "file_name": source}}
     if "panoptic_seg" in outputs:
         seg, infos = outputs["panoptic_seg"]
@@ -303,7 +328,7 @@ def _image_units(items: Sequence[Tuple[str, str]]) -> Iterator[Tuple[str, str, A
 
 def run_images(
     predictor: Predictor, items: Sequence[Tuple[str, str]], out_dir: str, *, batch_size: int, probs: bool,
-    overwrite: bool,
+    overwrite: bool, ids: Optional[Dict[str, Any]] = None,
 ) -> Tuple[List[Dict[str, Any]], int]:
     """Predicts every image (and video frame), ``batch_size`` per model call; returns the parts
     of all of them and how many were computed (the others were done before)."""
@@ -319,7 +344,9 @@ def run_images(
         nonlocal computed
         outputs = predictor([image for _, _, image, _ in pending])
         for (name, source, _, frame), out in zip(pending, outputs):
-            part = write_image_results(out_dir, name, source, out, categories, probs=probs, frame=frame)
+            part = write_image_results(
+                out_dir, name, source, out, categories, probs=probs, frame=frame, ids=ids
+            )
             _atomic_json(_part_path(out_dir, name), part)  # last: marks the input as done
             parts.append(part)
         computed += len(pending)
@@ -362,7 +389,8 @@ def _clips(items: Sequence[Tuple[str, str]]) -> List[Tuple[str, str, List[str]]]
 
 
 def run_videos(
-    predictor: Any, items: Sequence[Tuple[str, str]], out_dir: str, *, overwrite: bool
+    predictor: Any, items: Sequence[Tuple[str, str]], out_dir: str, *, overwrite: bool,
+    ids: Optional[Dict[str, Any]] = None,
 ) -> Tuple[List[Dict[str, Any]], int]:
     """Predicts each clip with a video model; writes ``ytvis_results.json`` and ``videos.json``."""
     categories = CategoryMap(predictor.metadata, predictor.cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
@@ -377,7 +405,7 @@ def run_videos(
                 if not frames:
                     raise PredictError(f"{source}: no frame could be decoded")
                 out = predictor(frames)
-                vid = image_id(name)
+                vid = (ids or {}).get(os.path.basename(name), image_id(name))
                 results = []
                 for score, label, masks in zip(out["pred_scores"], out["pred_labels"], out["pred_masks"]):
                     masks = torch.as_tensor(masks).to("cpu", torch.bool).numpy()
@@ -412,6 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1; got {args.batch_size}")
     items = expand_inputs(args.input)
+    ids = read_ids(args.ids_from) if args.ids_from else None
     if os.path.isfile(args.output):
         raise PredictError(f"--output {args.output}: is a file; expected a folder")
     try:
@@ -429,12 +458,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from mask2former_d2.video_predictor import VideoPredictor
 
         predictor = VideoPredictor(cfg)
-        parts, computed = run_videos(predictor, items, args.output, overwrite=args.overwrite)
+        parts, computed = run_videos(predictor, items, args.output, overwrite=args.overwrite, ids=ids)
     else:
         predictor = Predictor(cfg)
         parts, computed = run_images(
             predictor, items, args.output, batch_size=args.batch_size, probs=args.sem_seg_probs,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, ids=ids,
         )
     logger.info(f"{computed} computed, {len(parts) - computed} already done; results in {args.output}")
     return 0

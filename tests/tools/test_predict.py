@@ -249,6 +249,10 @@ class TestPredictCommand(unittest.TestCase):
         self.assertIn("1 computed, 6 already done", self.run_cli(out))
         self.check_against_predictor(out)
 
+    def test_ids_from_coco_json(self):
+        ids = predict.read_ids(f"{COCO}/annotations/panoptic_val2017.json")
+        self.assertEqual(ids, {"000000142238.jpg": 142238, "000000439180.jpg": 439180})
+
     def test_bad_input_is_one_line(self):
         with self.assertRaises(predict.PredictError) as ctx:
             predict.expand_inputs([os.path.join(self.tmp, "nothing_here")])
@@ -273,14 +277,20 @@ class TestPredictVideoModel(unittest.TestCase):
                 cv2.imwrite(os.path.join(frames_dir, f"{t:05d}.jpg"), video.read()[1])
             video.release()
             out = os.path.join(tmp, "out")
+            ytvis_json = os.path.join(tmp, "ytvis.json")  # the id of clip_a in a YouTube-VIS json
+            with open(ytvis_json, "w") as f:
+                json.dump({"videos": [{"id": 7, "file_names": ["clip_a/00000.jpg"]}]}, f)
             argv = ["--config-file", VIDEO_CONFIG, "--input", VIDEO, os.path.join(tmp, "frames"), "--output", out,
-                    "--opts", *map(str, opts), "MODEL.WEIGHTS", weights]
+                    "--ids-from", ytvis_json, "--opts", *map(str, opts), "MODEL.WEIGHTS", weights]
             self.assertEqual(predict.main(argv), 0)
             with open(os.path.join(out, "ytvis_results.json")) as f:
                 results = json.load(f)
             with open(os.path.join(out, "videos.json")) as f:
                 videos = {v["name"]: v for v in json.load(f)}
             self.assertEqual(sorted(videos), ["clip_a", "mmpose_demo"])
+            self.assertEqual(videos["clip_a"]["id"], 7)
+            self.assertEqual(videos["clip_a"]["length"], 3)
+            self.assertEqual(videos["mmpose_demo"]["id"], "mmpose_demo")
             cfg.defrost()
             cfg.MODEL.WEIGHTS = weights
             predictor = VideoPredictor(cfg)
