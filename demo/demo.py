@@ -36,6 +36,7 @@ from detectron2.utils.logger import setup_logger
 
 from mask2former_d2 import get_maskformer_cfg
 from mask2former_d2.config import validate_cfg
+from mask2former_d2.data.datasets.custom import add_dataset_argument
 from mask2former_d2.engine.launch import run_cli
 from mask2former_d2.modeling.precision import check_precision
 from mask2former_d2.predictor import Predictor, VisualizationDemo
@@ -96,6 +97,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="run the network from this ONNX file (written by tools/export_model.py from the same "
         "config) in ONNX Runtime instead of PyTorch; MODEL.WEIGHTS is then not read",
     )
+    add_dataset_argument(parser)  # class names of a dataset registered from files
     parser.add_argument(
         "--opts",
         default=[],
@@ -122,7 +124,7 @@ def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
         cfg = get_maskformer_cfg(config_file, list(opts))
         validate_cfg(cfg)
     # Unknown keys: KeyError naming key and file; bad values: yacs' ValueError/AssertionError.
-    except (KeyError, ValueError, AssertionError, yaml.YAMLError) as e:
+    except (KeyError, ValueError, AssertionError, FileNotFoundError, yaml.YAMLError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise DemoError(f"invalid config ({config_file}, --opts {list(opts)}): {msg}") from None
     device_set = "MODEL.DEVICE" in list(opts)[::2]

@@ -33,6 +33,7 @@ from demo import (  # the image demo beside this file: its argument checks and v
     setup_loggers,
     video_output_path,
 )
+from mask2former_d2.data.datasets.custom import add_dataset_argument
 from mask2former_d2.engine.launch import run_cli
 from mask2former_d2.video_predictor import VideoVisualizationDemo
 
@@ -57,6 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "overlapping windows (changes the outputs; default 0: the whole clip at once)")
     parser.add_argument("--window-overlap", type=int, default=None, metavar="O",
                         help="frames shared by consecutive windows in long-video mode (default: W // 4)")
+    add_dataset_argument(parser)  # class names of a dataset registered from files
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; must come last")
     return parser

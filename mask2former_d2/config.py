@@ -26,6 +26,13 @@ def add_maskformer2_config(cfg: CN) -> None:
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
+    # Datasets registered from their files, no code: "NAME:FORMAT:ARG,ARG,..." specs (formats
+    # coco_instances, coco_panoptic, sem_seg, ytvis; see mask2former_d2/data/datasets/custom.py
+    # and docs/custom_datasets.md). The --dataset flag of the entry points adds to this list.
+    cfg.DATASETS.CUSTOM = []
+    # False: MODEL.SEM_SEG_HEAD.NUM_CLASSES must equal the class count of the custom datasets in
+    # DATASETS.TRAIN/TEST (an error names both); True: it is set from them.
+    cfg.DATASETS.SET_NUM_CLASSES = False
 
     # -------------------------------------------------------------- solver
     # Weight decay applied to embeddings (query features, level embeddings, ...).
@@ -194,6 +201,10 @@ def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
         if key not in known:
             raise _unknown_key_error(cfg, key, "command-line override")
     cfg.merge_from_list(opts)
+    from .data.datasets.custom import register_custom_datasets
+
+    # Here, where every process of a run builds its config: spawned workers register them too.
+    register_custom_datasets(cfg)
     from .modeling.precision import precision_dtype
 
     precision_dtype(cfg.MODEL.MASK_FORMER.TEST.PRECISION)  # ValueError naming the key

@@ -10,7 +10,7 @@ Shapes: H/W original image size, K classes, N instances.
 
 import logging
 import math
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -76,6 +76,14 @@ def filter_instances(instances: Instances, threshold: float) -> Instances:
 def _class_ids(sem_seg: torch.Tensor) -> torch.Tensor:
     """(K, H, W) probabilities -> (H, W) class ids; class ids are returned as they are."""
     return sem_seg.argmax(dim=0) if sem_seg.dim() == 3 else sem_seg
+
+
+def _padded_size(size: Tuple[int, int], divisor: int) -> Tuple[int, int]:
+    """(h, w) rounded up to multiples of ``divisor`` (unchanged for ``divisor`` <= 1), as
+    Detectron2's ``ImageList.from_tensors`` pads a batch."""
+    if divisor <= 1:
+        return size
+    return tuple(-(-s // divisor) * divisor for s in size)
 
 
 def _metadata_for(cfg: CfgNode) -> Metadata:
@@ -163,7 +171,9 @@ class Predictor:
             from .export.onnx_runtime import OnnxRuntimeMaskFormer
 
             self.model = OnnxRuntimeMaskFormer(self.cfg, model_file)
+            self.batchable = False
             return
+        self.batchable = True
         self.model = build_model(self.cfg)
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:
@@ -171,22 +181,63 @@ class Predictor:
         else:
             logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
 
-    def __call__(self, original_image: np.ndarray) -> Dict[str, Any]:
-        """Predicts one image.
+    def __call__(self, original_image: Union[np.ndarray, Sequence[np.ndarray]]) -> Any:
+        """Predicts one image, or a list of images as a batch (see :meth:`predict_batch`).
 
         Args:
-            original_image: (H, W, 3) ``uint8`` array in BGR order (as from ``cv2.imread``).
+            original_image: (H, W, 3) ``uint8`` array in BGR order (as from ``cv2.imread``), or
+                a list of them.
 
         Returns:
             The model's output dict for this image, at H x W (``sem_seg``, ``panoptic_seg``
-            and/or ``instances``, as the config enables them).
+            and/or ``instances``, as the config enables them); for a list, one per image.
 
         Raises:
             ValueError: if ``original_image`` is not an (H, W, 3) ``uint8`` array.
         """
+        if isinstance(original_image, (list, tuple)):
+            return self.predict_batch(original_image)
         inputs = self.preprocess(original_image)
         with torch.no_grad():
             return self.model([inputs])[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> List[Dict[str, Any]]:
+        """Predicts several BGR ``uint8`` images, batched; each output equals the image's own.
+
+        The model pads a batch to its largest image, and padding changes what the network
+        computes near it (normalisation statistics, attention over the padded area). So the
+        images are batched by the size the model pads each one to alone (its resized size
+        rounded up to ``size_divisibility``): an image then sees exactly the padding it would
+        alone, and its outputs are cropped from the padded batch as they are alone. Frames of
+        one video, or photos of one camera, make one batch; other sizes make their own.
+
+        Args:
+            images: (H, W, 3) ``uint8`` BGR arrays, of any sizes.
+
+        Returns:
+            One output dict per image, in input order, each at its image's size.
+
+        Raises:
+            ValueError: if an image is not an (H, W, 3) ``uint8`` array (naming its index).
+        """
+        inputs = []
+        for i, image in enumerate(images):
+            try:
+                inputs.append(self.preprocess(image))
+            except ValueError as e:
+                raise ValueError(f"images[{i}]: {e}") from None
+        # An exported graph has a fixed batch size: it runs one image at a time.
+        divisor = getattr(self.model, "size_divisibility", 0) if self.batchable else None
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i, x in enumerate(inputs):
+            key = (i,) if divisor is None else _padded_size(tuple(x["image"].shape[-2:]), divisor)
+            groups.setdefault(key, []).append(i)
+        outputs: List[Optional[Dict[str, Any]]] = [None] * len(inputs)
+        with torch.no_grad():
+            for indices in groups.values():
+                for i, out in zip(indices, self.model([inputs[i] for i in indices])):
+                    outputs[i] = out
+        return outputs
 
     def preprocess(self, original_image: np.ndarray) -> Dict[str, Any]:
         """The model's input dict for one BGR ``uint8`` image: ``image`` (3, H', W') float32

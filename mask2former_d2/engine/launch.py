@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import MaskFormerCheckpointer
 from ..config import get_maskformer_cfg, validate_cfg
+from ..data.datasets.custom import add_dataset_argument
 from ..evaluation import check_evaluation
 from ..modeling.precision import check_precision
 
@@ -31,16 +32,16 @@ USER_ERRORS = (ValueError, KeyError, OSError)
 _USER_ERROR_EXIT = 3
 # Switches that argparse's REMAINDER leaves in ``opts`` when written after the overrides.
 _FLAGS = ("--resume", "--eval-only", "--debug")
-_OPTIONS = ("--config-file", "--num-gpus", "--num-machines", "--machine-rank", "--dist-url")
+_OPTIONS = ("--config-file", "--num-gpus", "--num-machines", "--machine-rank", "--dist-url", "--dataset")
 
 
 def default_argument_parser(epilog=None):
-    """Detectron2's parser plus ``--debug`` (full tracebacks for user errors)."""
+    """Detectron2's parser plus ``--debug`` (full tracebacks for user errors) and ``--dataset``."""
     parser = _d2_argument_parser(epilog)
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of a user error (bad file, key, value)"
     )
-    return parser
+    return add_dataset_argument(parser)
 
 
 def setup(args):
