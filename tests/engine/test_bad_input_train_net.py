@@ -106,11 +106,12 @@ class TestBadCommandLine(unittest.TestCase):
             seen.update(vars(args))
 
         with contextlib.redirect_stdout(io.StringIO()) as out:
-            launch_main(self.parse("SOLVER.MAX_ITER", "1", "--resume", "--eval-only"), record)
+            launch_main(self.parse("SOLVER.MAX_ITER", "1", *self.out, "--resume", "--eval-only",
+                                   "--allow-random-weights"), record)
         self.assertTrue(seen["resume"])
         self.assertTrue(seen["eval_only"])
-        self.assertEqual(seen["opts"], ["SOLVER.MAX_ITER", "1"])
-        self.assertIn("--resume --eval-only taken as an option", out.getvalue())
+        self.assertEqual(seen["opts"], ["SOLVER.MAX_ITER", "1", *self.out])
+        self.assertIn("--resume --eval-only --allow-random-weights taken as an option", out.getvalue())
 
     def test_debug_shows_the_exception(self):
         with self.assertRaisesRegex(ValueError, "NUM_OBJECT_QUERIES"), contextlib.redirect_stdout(io.StringIO()):
