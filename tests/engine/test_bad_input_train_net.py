@@ -14,6 +14,7 @@ from typing import List
 from unittest import mock
 
 import torch
+
 from mask2former_d2 import engine
 from mask2former_d2.engine import default_argument_parser, launch_main
 from mask2former_d2.engine import launch as launch_module
@@ -25,7 +26,7 @@ def _never(args):
     raise AssertionError("main_fn must not run for a command-line mistake")
 
 
-class TestBadCommandLine(unittest.TestCase):
+class _CommandLineCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
@@ -50,6 +51,8 @@ class TestBadCommandLine(unittest.TestCase):
         self.assertNotIn("Traceback", stderr.getvalue())
         return message
 
+
+class TestBadCommandLine(_CommandLineCase):
     def test_num_gpus_without_cuda(self):
         with mock.patch("torch.cuda.is_available", return_value=False):
             message = self.error_line(["--num-gpus", "2", "MODEL.DEVICE", "cuda"])
@@ -133,7 +136,7 @@ class TestBadCommandLine(unittest.TestCase):
         self.assertIn("error: DATASETS.TEST: unknown dataset 'x'", stderr.getvalue())
 
 
-class TestConfigMistakes(TestBadCommandLine):
+class TestConfigMistakes(_CommandLineCase):
     """Each mistake of the issue's list: one line naming key, value and what is expected,
     before any worker is spawned (or, for the dataset-dependent check, any model built)."""
 
