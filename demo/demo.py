@@ -36,7 +36,7 @@ from detectron2.utils.logger import setup_logger
 
 from mask2former_d2 import get_maskformer_cfg
 from mask2former_d2.config import validate_cfg
-from mask2former_d2.engine.launch import run_cli
+from mask2former_d2.engine.launch import overrides_after_opts, run_cli
 from mask2former_d2.modeling.precision import check_precision
 from mask2former_d2.predictor import Predictor, VisualizationDemo
 
@@ -101,7 +101,8 @@ def get_parser() -> argparse.ArgumentParser:
         default=[],
         nargs=argparse.REMAINDER,
         metavar="KEY VALUE",
-        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; must come last",
+        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; last on the line "
+        "(--opts may be left out)",
     )
     return parser
 
@@ -120,7 +121,7 @@ def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
         raise DemoError(f"--opts needs KEY VALUE pairs; got an odd number of items: {list(opts)}")
     try:
         cfg = get_maskformer_cfg(config_file, list(opts))
-        validate_cfg(cfg)
+        validate_cfg(cfg, training=False)
     # Unknown keys: KeyError naming key and file; bad values: yacs' ValueError/AssertionError.
     except (KeyError, ValueError, AssertionError, yaml.YAMLError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -405,7 +406,7 @@ def setup_loggers() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
+    args = get_parser().parse_args(overrides_after_opts(argv))
     setup_loggers()
     logger.info(f"arguments: {args}")
     if not 0.0 <= args.confidence_threshold <= 1.0:  # also rejects nan

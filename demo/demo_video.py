@@ -33,7 +33,7 @@ from demo import (  # the image demo beside this file: its argument checks and v
     setup_loggers,
     video_output_path,
 )
-from mask2former_d2.engine.launch import run_cli
+from mask2former_d2.engine.launch import overrides_after_opts, run_cli
 from mask2former_d2.video_predictor import VideoVisualizationDemo
 
 logger = logging.getLogger("mask2former_d2.demo")
@@ -58,7 +58,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-overlap", type=int, default=None, metavar="O",
                         help="frames shared by consecutive windows in long-video mode (default: W // 4)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; must come last")
+                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; last on the "
+                        "line (--opts may be left out)")
     return parser
 
 
@@ -93,7 +94,7 @@ def read_frames(paths: Sequence[str]) -> List[np.ndarray]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
+    args = get_parser().parse_args(overrides_after_opts(argv))
     setup_loggers()
     if not 0.0 <= args.confidence_threshold <= 1.0:  # also rejects nan
         raise DemoError(f"--confidence-threshold must be in [0, 1]; got {args.confidence_threshold}")

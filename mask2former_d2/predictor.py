@@ -167,7 +167,8 @@ class Predictor:
         self.model = build_model(self.cfg)
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:
-            MaskFormerCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+            # The weights are used as they are: a head that does not fit the config is an error.
+            MaskFormerCheckpointer(self.model, for_inference=True).load(self.cfg.MODEL.WEIGHTS)
         else:
             logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
 

@@ -17,9 +17,10 @@ Config overrides are ``KEY VALUE`` pairs after the options, as in Detectron2, or
 import argparse
 import logging
 import os
+import re
 import sys
 import time
-from typing import Callable, NoReturn, Optional, Sequence, Tuple, Type
+from typing import Callable, List, NoReturn, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,10 @@ from ..evaluation import check_evaluation
 from ..modeling.precision import check_precision
 from .output_dir import OutputDirLock, check_previous_run
 
-__all__ = ["USER_ERRORS", "default_argument_parser", "setup", "main", "launch_main", "run_cli"]
+__all__ = [
+    "USER_ERRORS", "default_argument_parser", "setup", "main", "launch_main", "run_cli", "overrides_after_opts",
+    "overrides_without_opts",
+]
 
 # Exceptions that report a user's mistake in one line (config keys, values, files).
 USER_ERRORS = (ValueError, KeyError, OSError)
@@ -229,6 +233,29 @@ def _error_line(e: BaseException) -> str:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     prog = os.path.basename(sys.argv[0]) or "train_net.py"
     return f"{prog}: error: {message} (--debug shows the traceback)"
+
+
+# A config key as written in an override (MODEL.WEIGHTS, SOLVER.BASE_LR, ...).
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+def overrides_after_opts(argv: Optional[Sequence[str]]) -> List[str]:
+    """``argv`` (default ``sys.argv[1:]``) for a parser whose overrides follow ``--opts``, with
+    ``--opts`` inserted before trailing ``KEY VALUE`` overrides written without it, so that both
+    ``... --opts MODEL.WEIGHTS w.pkl`` and ``... MODEL.WEIGHTS w.pkl`` work."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--opts" in argv:
+        return argv
+    for i, token in enumerate(argv):
+        if _CONFIG_KEY.match(token) and not os.path.exists(token):
+            return argv[:i] + ["--opts"] + argv[i:]
+    return argv
+
+
+def overrides_without_opts(argv: Optional[Sequence[str]]) -> List[str]:
+    """``argv`` (default ``sys.argv[1:]``) for a parser whose overrides are trailing ``KEY
+    VALUE`` pairs (Detectron2's form), with a ``--opts`` written before them dropped."""
+    return [t for t in (sys.argv[1:] if argv is None else argv) if t != "--opts"]
 
 
 def run_cli(

@@ -68,6 +68,32 @@ class TestDemoBadInput(unittest.TestCase):
                              "--opts", "DATASETS.TEST", "('coco_2017_val_panoptc',)")
         self.assertIn("unknown dataset 'coco_2017_val_panoptc'; did you mean coco_2017_val_panoptic", message)
 
+    def test_overrides_with_or_without_opts(self):
+        out = self.tmp.name + "/out/"
+        for argv in (["--opts", "MODEL.META_ARCHITECTURE", "MaskFormr"], ["MODEL.META_ARCHITECTURE", "MaskFormr"]):
+            with self.subTest(argv=argv):
+                message = self.error("--input", self.image, "--output", out, *argv)
+                self.assertIn("MODEL.META_ARCHITECTURE: unknown name 'MaskFormr'", message)
+
+    def test_weights_of_another_class_count(self):
+        from detectron2.modeling import build_model
+
+        from mask2former_d2.checkpoint import MaskFormerCheckpointer
+        from tests.common import tiny_cfg
+
+        folder = os.path.join(self.tmp.name, "three_classes")
+        os.makedirs(folder)
+        MaskFormerCheckpointer(build_model(tiny_cfg("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3)), folder).save("model")
+        weights = os.path.join(folder, "model.pth")
+        out = os.path.join(self.tmp.name, "three_out/")
+        message = self.error("--input", self.image, "--output", out, "MODEL.WEIGHTS", weights,
+                             "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.MASK_DIM", "32",
+                             "MODEL.MASK_FORMER.HIDDEN_DIM", "32", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "8",
+                             "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64", "MODEL.MASK_FORMER.DEC_LAYERS", "3")
+        self.assertIn(f"cannot build the model: {weights} was trained for 3 classes, but the config expects "
+                      "MODEL.SEM_SEG_HEAD.NUM_CLASSES 133", message)
+        self.assertFalse(os.listdir(out))  # nothing drawn
+
     def test_torchvision_weights(self):
         # Was: ~150 "not found" warnings, then exit 0 with a drawing of a random model.
         path = os.path.join(self.tmp.name, "resnet18.pth")
