@@ -1,11 +1,12 @@
 """``Trainer``: Detectron2's ``DefaultTrainer`` with the MaskFormer data mappers, optimizer,
 schedule, evaluators and checkpointer. Only ``build_*`` class methods are overridden, as in
 Detectron2's own projects."""
+import json
 import logging
 import os
 import re
 import weakref
-from typing import List
+from typing import List, Optional
 
 from detectron2.data import MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
@@ -33,18 +34,63 @@ def dataset_files(name: str) -> str:
     return "; ".join(files) if files else "no file recorded in its metadata"
 
 
+def _json_problem(names: List[str]) -> Optional[ValueError]:
+    """What is wrong with the COCO json(s) of datasets ``names`` (a missing list or field,
+    naming the record), or None when their structure is fine or they have no json."""
+    from ..data.datasets.utils import check_coco_json
+
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        for field, panoptic in (("json_file", False), ("panoptic_json", True)):
+            path = meta.get(field)
+            if path and os.path.isfile(path):
+                with open(path) as f:
+                    try:
+                        check_coco_json(path, json.load(f), panoptic=panoptic)
+                    except ValueError as precise:
+                        return precise
+    return None
+
+
+def _explain_key_error(names: List[str], error: KeyError) -> ValueError:
+    """A loader (Detectron2's ``load_coco_json``, pycocotools) failed on a missing field: the
+    COCO json of the dataset is checked to name the record; else the dataset and the field."""
+    return _json_problem(names) or ValueError(
+        f"{', '.join(names)}: a record of the dataset has no field {error.args[0]!r} "
+        f"({'; '.join(dataset_files(n) for n in names)})"
+    )
+
+
+def check_files_exist(dicts: list, names: List[str]) -> None:
+    """Raises ``FileNotFoundError`` naming the first record whose image (or annotation PNG)
+    does not exist, before training starts rather than when the loader reaches it."""
+    for i, record in enumerate(dicts):
+        for field in ("file_name", "sem_seg_file_name", "pan_seg_file_name", "file_names"):
+            paths = record.get(field)
+            for path in [paths] if isinstance(paths, str) else paths or []:
+                if "://" not in path and not os.path.isfile(path):
+                    ident = record.get("image_id", record.get("video_id", i))
+                    raise FileNotFoundError(
+                        f"{', '.join(names)}: record {i} (id {ident}) lists {field} {path}, which does "
+                        "not exist; fix the dataset's paths or remove the record"
+                    )
+
+
 def load_train_dicts(names: List[str], **kwargs) -> list:
     """Detectron2's ``get_detection_dataset_dicts(names, **kwargs)``, with its assertions on an
-    empty dataset turned into one ``ValueError`` naming the dataset and its files."""
+    empty dataset and a loader's missing-field ``KeyError`` turned into one ``ValueError``
+    naming the dataset, its files and the record; every listed file must exist."""
     try:
-        return get_detection_dataset_dicts(names, **kwargs)
+        dicts = get_detection_dataset_dicts(names, **kwargs)
+    except KeyError as e:
+        raise _explain_key_error(list(names), e) from None
     except AssertionError as e:
         empty = re.search(r"Dataset '(.+)' is empty", str(e))
         if empty:
             name = empty.group(1)
-            raise ValueError(
-                f"DATASETS.TRAIN {name!r} has no images ({dataset_files(name)}); check that the "
-                "json lists its images and that the paths point at the right split"
+            raise _json_problem([name]) or ValueError(
+                f"dataset {name!r} has no images ({dataset_files(name)}); check that the json "
+                "lists its images and that the paths point at the right split"
             ) from None
         if "No valid data found" in str(e):
             raise ValueError(
@@ -53,6 +99,8 @@ def load_train_dicts(names: List[str], **kwargs) -> list:
                 "DATALOADER.FILTER_EMPTY_ANNOTATIONS False to train on images without any"
             ) from None
         raise
+    check_files_exist(dicts, list(names))
+    return dicts
 
 
 def _non_finite_message(error: FloatingPointError, lr: float, base_lr: float) -> str:
