@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -236,21 +236,33 @@ def image_output_paths(inputs: Sequence[str], output: str) -> List[str]:
     return paths
 
 
-def video_output_path(output: str, source_name: str) -> str:
-    """The file a visualised video is written to; creates the needed folders.
+def _odd(size: Optional[Tuple[int, int]]) -> bool:
+    return size is not None and (size[0] % 2 == 1 or size[1] % 2 == 1)
+
+
+def video_output_path(output: str, source_name: str, size: Optional[Tuple[int, int]] = None) -> str:
+    """The file a visualised video of frames of ``size`` (width, height) is written to; creates
+    the needed folders. A folder gets ``<name>.mp4``, or ``<name>.avi`` for an odd frame size:
+    OpenCV's MP4/MKV encoders round odd sizes down to even ones, its own AVI writer keeps them.
 
     Raises:
-        DemoError: if the extension is not a supported container or the source would be
-            overwritten.
+        DemoError: if the extension is not a supported container, the source would be
+            overwritten, or an .mp4/.mkv file is asked for frames of an odd size.
     """
     _check_output_parent(output)
     if _names_a_folder(output):
         if os.path.isfile(output):
             raise DemoError(f"--output {output}: is a file, but a folder is expected here")
         stem = os.path.splitext(os.path.basename(source_name))[0]
-        path = os.path.join(output, stem + ".mp4")
+        path = os.path.join(output, stem + (".avi" if _odd(size) else ".mp4"))
     elif os.path.splitext(output)[1].lower() in VIDEO_CODECS:
         path = output
+        if _odd(size) and not output.lower().endswith(".avi"):
+            raise DemoError(
+                f"--output {output}: the frames are {size[0]}x{size[1]}, and OpenCV's "
+                f"{os.path.splitext(output)[1]} encoders only write even sizes (it would write "
+                f"{size[0] // 2 * 2}x{size[1] // 2 * 2}); use an .avi output (or a folder), which keeps the size"
+            )
     else:
         raise DemoError(f"--output {output}: a video output must end in {', '.join(VIDEO_CODECS)}")
     if os.path.abspath(path) == os.path.abspath(source_name):
@@ -260,7 +272,14 @@ def video_output_path(output: str, source_name: str) -> str:
 
 
 def open_video_writer(path: str, fps: float, width: int, height: int) -> cv2.VideoWriter:
-    """An opened writer for ``path``, trying the codecs of its container in turn."""
+    """An opened writer for ``path``, trying the codecs of its container in turn. An .avi of
+    an odd frame size is written by OpenCV's own MJPEG writer: its FFmpeg encoders would round
+    the size down to an even one."""
+    if path.lower().endswith(".avi") and _odd((width, height)):
+        writer = cv2.VideoWriter(path, cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+        if writer.isOpened():
+            return writer
+        writer.release()
     codecs = VIDEO_CODECS[os.path.splitext(path)[1].lower()]
     for codec in codecs:
         writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*codec), fps, (width, height))
@@ -292,6 +311,12 @@ def open_video_file(path: str) -> cv2.VideoCapture:
     if not video.isOpened():
         raise DemoError(f"--video-input {path}: OpenCV cannot open this file as a video")
     return video
+
+
+def _capture_size(video: cv2.VideoCapture) -> Optional[Tuple[int, int]]:
+    """(width, height) of a capture's frames, None when OpenCV does not know it."""
+    width, height = int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    return (width, height) if width > 0 and height > 0 else None
 
 
 def _require_display() -> None:
@@ -422,13 +447,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.video_input:
         name = args.video_input
         source = open_video_file(name)
-        out_path = video_output_path(args.output, name) if args.output else None
+        out_path = video_output_path(args.output, name, _capture_size(source)) if args.output else None
     else:
         name = "webcam"
         source = cv2.VideoCapture(0)
         if not source.isOpened():
             raise DemoError("--webcam: OpenCV cannot open camera 0")
-        out_path = video_output_path(args.output, name) if args.output else None
+        out_path = video_output_path(args.output, name, _capture_size(source)) if args.output else None
     if args.output is None:
         _require_display()
 

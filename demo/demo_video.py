@@ -115,15 +115,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.video_input:
         name = args.video_input
         open_video_file(name).release()  # a missing or undecodable file is named first
-        out_path = video_output_path(args.output, name)
+        video_output_path(args.output, name)  # a wrong --output is named before decoding
         frames, fps = read_video(name)
     else:
         paths = expand_inputs(args.input)
         name = os.path.basename(os.path.normpath(args.input[0])) if len(args.input) == 1 else "frames"
-        out_path = video_output_path(args.output, name)
+        video_output_path(args.output, name)
         frames, fps = read_frames(paths), 0.0
     if not frames:
         raise DemoError(f"{name}: no frame could be decoded")
+    # The output keeps the frames' size (an odd one too: see video_output_path).
+    out_path = video_output_path(args.output, name, (frames[0].shape[1], frames[0].shape[0]))
     fps = args.fps or fps or 5.0
 
     demo = VideoVisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
