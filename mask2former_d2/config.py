@@ -276,6 +276,18 @@ _POSITIVE_INTS = (
     "MODEL.MASK_FORMER.HIDDEN_DIM",
     "MODEL.MASK_FORMER.NHEADS",
     "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+    "MODEL.MASK_FORMER.DEC_LAYERS",
+    "MODEL.MASK_FORMER.DIM_FEEDFORWARD",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM",
+    "MODEL.SEM_SEG_HEAD.MASK_DIM",
+)
+# (channels key, heads key, the pixel decoder it applies to or None for all): attention splits
+# the channels evenly over the heads.
+_DIVISIBLE = (
+    ("MODEL.MASK_FORMER.HIDDEN_DIM", "MODEL.MASK_FORMER.NHEADS", None),
+    ("MODEL.SEM_SEG_HEAD.CONVS_DIM", "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS",
+     "MSDeformAttnPixelDecoder"),
 )
 
 
@@ -370,6 +382,18 @@ def validate_cfg(cfg: CN, *, datasets: bool = True, num_processes: int = 1, trai
         value = _get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{key} must be a positive integer; got {value!r}")
+    for dim_key, heads_key, decoder in _DIVISIBLE:
+        dim, heads = _get(cfg, dim_key), _get(cfg, heads_key)
+        if decoder not in (None, cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME):
+            continue
+        if isinstance(heads, int) and heads > 0 and dim % heads:
+            raise ValueError(
+                f"{dim_key} {dim} is not divisible by {heads_key} {heads}: attention splits the channels "
+                "evenly over the heads"
+            )
+    if not isinstance(cfg.DATALOADER.NUM_WORKERS, int) or cfg.DATALOADER.NUM_WORKERS < 0:
+        raise ValueError(f"DATALOADER.NUM_WORKERS must be >= 0 (0: load in the main process); "
+                         f"got {cfg.DATALOADER.NUM_WORKERS!r}")
     inp = cfg.INPUT
     if inp.FORMAT not in ("BGR", "RGB"):
         raise ValueError(

@@ -209,6 +209,9 @@ def _take_trailing_flags(args) -> None:
 
 def _check_before_launch(args) -> None:
     """What can be checked once, in the launching process: the config and the device."""
+    for option, value in (("--num-gpus", args.num_gpus), ("--num-machines", args.num_machines)):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1 (processes per machine / machines); got {value}")
     cfg = get_maskformer_cfg(args.config_file, args.opts)
     # Datasets may be registered by main_fn in the workers: checked there (setup).
     validate_cfg(

@@ -172,6 +172,18 @@ class TestConfigMistakes(_CommandLineCase):
             with self.subTest(argv=argv):
                 self.assertIn(expected, self.error_line(argv))
 
+    def test_model_and_loader_values(self):
+        cases = [
+            (["MODEL.MASK_FORMER.NHEADS", "5"],
+             "MODEL.MASK_FORMER.HIDDEN_DIM 64 is not divisible by MODEL.MASK_FORMER.NHEADS 5"),
+            (["MODEL.MASK_FORMER.DEC_LAYERS", "0"], "MODEL.MASK_FORMER.DEC_LAYERS must be a positive integer; got 0"),
+            (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS must be >= 0 (0: load in the main process)"),
+            (["--num-gpus", "0"], "--num-gpus must be >= 1"),
+        ]
+        for argv, expected in cases:
+            with self.subTest(argv=argv):
+                self.assertIn(expected, self.error_line(argv))
+
     def test_cuda_index_without_cuda(self):
         with mock.patch("torch.cuda.is_available", return_value=False):
             message = self.error_line(["MODEL.DEVICE", "cuda:1"])
