@@ -190,7 +190,8 @@ class TestDistributedCPU(_TrainNetCase):
 
 
 # train_net.py with one more hook, run after the periodic checkpointer and the metrics writer:
-# it kills its own process with SIGKILL (a crash: no clean-up runs) after iteration M2F_KILL_AT.
+# after iteration M2F_KILL_AT it sends its own process M2F_SIGNAL: KILL (a crash: no clean-up
+# runs) or INT (Ctrl-C).
 KILLED_TRAIN_NET = """
 import os, signal, sys
 from detectron2.engine import HookBase
@@ -199,7 +200,7 @@ from mask2former_d2.engine import Trainer, default_argument_parser, launch_main,
 class KillAfter(HookBase):
     def after_step(self):
         if self.trainer.iter == int(os.environ["M2F_KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("M2F_SIGNAL", "KILL")))
 
 class KilledTrainer(Trainer):
     def build_hooks(self):
@@ -284,6 +285,27 @@ class TestResume(_TrainNetCase):
         self.assertIn("resuming from " + good, out)
         self.assertIn("Starting training from iteration 22", out)
         self.assertEqual(_iteration(os.path.join(broken_dir, "model_final.pth")), 22)
+
+    def test_ctrl_c_names_the_last_good_checkpoint(self):
+        out_dir = os.path.join(self.tmp, "interrupted")
+        script = os.path.join(self.tmp, "interrupted_train_net.py")
+        with open(script, "w") as f:
+            f.write(KILLED_TRAIN_NET)
+        args = TOY_OPTS + NO_EVAL + ["SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.MAX_ITER", "30", "OUTPUT_DIR", out_dir]
+        self.env.update(M2F_KILL_AT="3", M2F_SIGNAL="INT")  # checkpoint after iteration 2
+        try:
+            code, out = self.finish(*self.start(args, "interrupted.log", script))
+        finally:
+            del self.env["M2F_KILL_AT"], self.env["M2F_SIGNAL"]
+        self.assertEqual(code, 130, _tail(out))
+        last = os.path.join(out_dir, "model_0000002.pth")
+        self.assertEqual(
+            out.strip().splitlines()[-1],
+            f"train_net.py: interrupted; the last good checkpoint is {last} (continue with --resume)",
+        )
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(_iteration(last), 2)
+        self.assertFalse(os.path.exists(os.path.join(out_dir, ".lock")))
 
 
 class TestCheckpointFallback(unittest.TestCase):

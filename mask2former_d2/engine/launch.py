@@ -315,11 +315,12 @@ def launch_main(args, main_fn):
             args=(main_fn, args),
         )
     except KeyboardInterrupt:
-        sys.stderr.flush()
-        sys.exit(_interrupted_line(output_dir))
+        print(_interrupted_line(output_dir), file=sys.stderr, flush=True)
+        sys.exit(_INTERRUPTED_EXIT)
     except mp.ProcessExitedException as e:
         if e.exit_code == _INTERRUPTED_EXIT:
-            sys.exit(_interrupted_line(output_dir))
+            print(_interrupted_line(output_dir), file=sys.stderr, flush=True)
+            sys.exit(_INTERRUPTED_EXIT)
         if e.exit_code != _USER_ERROR_EXIT:
             raise
         sys.exit(1)  # the worker printed the error

@@ -155,17 +155,20 @@ class TestInterrupt(_LaunchCase):
         checkpoint = os.path.join(self.dir, "model_0000009.pth")
         atomic_write(checkpoint, lambda f: f.write(b"weights"))
         atomic_write(os.path.join(self.dir, "last_checkpoint"), lambda f: f.write(b"model_0000009.pth"))
-        message, out, _ = self.launch("--resume", main_fn=self.interrupted)
+        status, out, _ = self.launch("--resume", main_fn=self.interrupted)
+        self.assertEqual(status, 130)
         self.assertEqual(
-            message.split(": ", 1)[1],
+            out.strip().splitlines()[-1].split(": ", 1)[1],
             f"interrupted; the last good checkpoint is {checkpoint} (continue with --resume)",
         )
         self.assertNotIn("Traceback", out)
         self.assertFalse(os.path.exists(os.path.join(self.dir, LOCK_NAME)))
 
     def test_ctrl_c_before_any_checkpoint(self):
-        message, _, _ = self.launch(main_fn=self.interrupted)
-        self.assertEqual(message.split(": ", 1)[1], f"interrupted; no checkpoint was saved in {self.dir}")
+        status, out, _ = self.launch(main_fn=self.interrupted)
+        self.assertEqual(status, 130)
+        self.assertEqual(out.strip().splitlines()[-1].split(": ", 1)[1],
+                         f"interrupted; no checkpoint was saved in {self.dir}")
 
 
 if __name__ == "__main__":
