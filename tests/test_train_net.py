@@ -286,6 +286,19 @@ class TestResume(_TrainNetCase):
         self.assertIn("Starting training from iteration 22", out)
         self.assertEqual(_iteration(os.path.join(broken_dir, "model_final.pth")), 22)
 
+    def test_infinite_loss_is_one_line(self):
+        # Detectron2 logs its own traceback first: it stays in log.txt, the console shows ours.
+        out_dir = os.path.join(self.tmp, "diverged")
+        args = TOY_OPTS + NO_EVAL + ["SOLVER.BASE_LR", "1e30", "SOLVER.WARMUP_ITERS", "0", "SOLVER.MAX_ITER", "6",
+                                     "SOLVER.CLIP_GRADIENTS.ENABLED", "False", "OUTPUT_DIR", out_dir]
+        code, out = self.finish(*self.start(args, "diverged.log"))
+        self.assertEqual(code, 1, _tail(out))
+        last = out.strip().splitlines()[-1]
+        self.assertRegex(last, r"^train_net.py: error: the loss became infinite or NaN at iteration \d+ \(loss_ce=")
+        self.assertIn("with learning rate 1e+30 (SOLVER.BASE_LR 1e+30); lower SOLVER.BASE_LR", last)
+        self.assertNotIn("Traceback", out)
+        self.assertIn("FloatingPointError", self.read(os.path.join(out_dir, "log.txt")))
+
     def test_ctrl_c_names_the_last_good_checkpoint(self):
         out_dir = os.path.join(self.tmp, "interrupted")
         script = os.path.join(self.tmp, "interrupted_train_net.py")

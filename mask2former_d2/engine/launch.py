@@ -91,7 +91,10 @@ class _HideUserErrorTracebacks(logging.Filter):
 def _quiet_console_tracebacks() -> None:
     for name in ("detectron2", "mask2former_d2", "fvcore"):
         for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler and not any(
+            # Detectron2's log file is a StreamHandler too; only the console ones are filtered.
+            streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+            console = isinstance(handler, logging.StreamHandler) and handler.stream in streams
+            if console and not any(
                 isinstance(f, _HideUserErrorTracebacks) for f in handler.filters
             ):
                 handler.addFilter(_HideUserErrorTracebacks())

@@ -109,7 +109,9 @@ def _non_finite_message(error: FloatingPointError, lr: float, base_lr: float) ->
     text = str(error)
     iteration = re.search(r"iteration=(\d+)", text)
     terms = re.findall(r"'(\w+)': (?:tensor\()?(-?inf|nan)", text)
-    names = ", ".join(f"{k}={v}" for k, v in terms) or "the total"
+    names = ", ".join(f"{k}={v}" for k, v in terms[:4]) or "the total"
+    if len(terms) > 4:
+        names += f" and {len(terms) - 4} more"
     return (
         f"the loss became infinite or NaN at iteration {iteration.group(1) if iteration else '?'} "
         f"({names}) with learning rate {lr:g} (SOLVER.BASE_LR {base_lr:g}); lower SOLVER.BASE_LR, "
