@@ -1,6 +1,9 @@
 """``Trainer``: Detectron2's ``DefaultTrainer`` with the MaskFormer data mappers, optimizer,
-schedule, evaluators and checkpointer. Only ``build_*`` class methods are overridden, as in
-Detectron2's own projects."""
+schedule, evaluators and checkpointer, through its ``build_*`` class methods as in Detectron2's
+own projects. The constructor repeats ``DefaultTrainer.__init__``'s steps with a CPU-capable DDP
+wrapper and AMP loop (no module of Detectron2 is patched); ``train`` turns a non-finite loss into
+one line; the training set is checked before the first iteration (empty, missing fields, missing
+files)."""
 import json
 import logging
 import os
