@@ -236,7 +236,11 @@ def _check_before_launch(args) -> None:
 
 
 def _error_line(e: BaseException) -> str:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if len(lines) > 1:
+        # A DataLoader worker's error arrives with its traceback text; its last line names it.
+        message = lines[-1].strip()
     prog = os.path.basename(sys.argv[0]) or "train_net.py"
     return f"{prog}: error: {message} (--debug shows the traceback)"
 

@@ -184,6 +184,18 @@ class TestConfigMistakes(_CommandLineCase):
             with self.subTest(argv=argv):
                 self.assertIn(expected, self.error_line(argv))
 
+    def test_data_loader_worker_error_is_one_line(self):
+        # A DataLoader worker re-raises an error with its traceback in the message.
+        def fail(args):
+            raise FileNotFoundError(
+                "Caught FileNotFoundError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                "last):\n  File \"mapper.py\", line 3, in __call__\nFileNotFoundError: [Errno 2] No such file or "
+                "directory: '/data/gone.jpg'\n"
+            )
+
+        message = self.error_line(list(self.out), main_fn=fail)
+        self.assertIn("error: FileNotFoundError: [Errno 2] No such file or directory: '/data/gone.jpg'", message)
+
     def test_cuda_index_without_cuda(self):
         with mock.patch("torch.cuda.is_available", return_value=False):
             message = self.error_line(["MODEL.DEVICE", "cuda:1"])
