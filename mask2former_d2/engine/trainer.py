@@ -11,7 +11,13 @@ import re
 import weakref
 from typing import List, Optional
 
-from detectron2.data import MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.projects.deeplab import build_lr_scheduler
 from detectron2.utils import comm
@@ -173,6 +179,14 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         dicts = load_train_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True), dataset=dicts)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        # Detectron2's test loader, on records checked as the training set's are.
+        dicts = load_train_dicts([dataset_name], filter_empty=False)
+        return build_detection_test_loader(
+            dicts, mapper=DatasetMapper(cfg, False), num_workers=cfg.DATALOADER.NUM_WORKERS
+        )
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

@@ -91,6 +91,15 @@ class TestBadData(unittest.TestCase):
             "does not exist; fix the dataset's paths or remove the record",
         )
 
+    def test_empty_test_set(self):
+        from tests.common import tiny_cfg
+
+        empty = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "x"}]}
+        path = self.register("bad_empty_test", empty)
+        with self.assertRaises(ValueError) as ctx:
+            Trainer.build_test_loader(tiny_cfg(), "bad_empty_test")
+        self.assertIn(f"dataset 'bad_empty_test' has no images (json_file {path}", str(ctx.exception))
+
     def test_train_net_reports_the_line_without_a_traceback(self):
         # Through train_net.py's launch_main and the real Trainer: the model is built, then the
         # loader stops before the first iteration.
