@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -37,7 +37,7 @@ from detectron2.utils.logger import setup_logger
 from mask2former_d2 import get_maskformer_cfg
 from mask2former_d2.config import validate_cfg
 from mask2former_d2.data.datasets.custom import add_dataset_argument
-from mask2former_d2.engine.launch import run_cli
+from mask2former_d2.engine.launch import overrides_after_opts, run_cli
 from mask2former_d2.modeling.precision import check_precision
 from mask2former_d2.predictor import Predictor, VisualizationDemo
 
@@ -103,7 +103,8 @@ def get_parser() -> argparse.ArgumentParser:
         default=[],
         nargs=argparse.REMAINDER,
         metavar="KEY VALUE",
-        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; must come last",
+        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; last on the line "
+        "(--opts may be left out)",
     )
     return parser
 
@@ -122,7 +123,7 @@ def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
         raise DemoError(f"--opts needs KEY VALUE pairs; got an odd number of items: {list(opts)}")
     try:
         cfg = get_maskformer_cfg(config_file, list(opts))
-        validate_cfg(cfg)
+        validate_cfg(cfg, training=False)
     # Unknown keys: KeyError naming key and file; bad values: yacs' ValueError/AssertionError.
     except (KeyError, ValueError, AssertionError, FileNotFoundError, yaml.YAMLError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -237,21 +238,33 @@ def image_output_paths(inputs: Sequence[str], output: str) -> List[str]:
     return paths
 
 
-def video_output_path(output: str, source_name: str) -> str:
-    """The file a visualised video is written to; creates the needed folders.
+def _odd(size: Optional[Tuple[int, int]]) -> bool:
+    return size is not None and (size[0] % 2 == 1 or size[1] % 2 == 1)
+
+
+def video_output_path(output: str, source_name: str, size: Optional[Tuple[int, int]] = None) -> str:
+    """The file a visualised video of frames of ``size`` (width, height) is written to; creates
+    the needed folders. A folder gets ``<name>.mp4``, or ``<name>.avi`` for an odd frame size:
+    OpenCV's MP4/MKV encoders round odd sizes down to even ones, its own AVI writer keeps them.
 
     Raises:
-        DemoError: if the extension is not a supported container or the source would be
-            overwritten.
+        DemoError: if the extension is not a supported container, the source would be
+            overwritten, or an .mp4/.mkv file is asked for frames of an odd size.
     """
     _check_output_parent(output)
     if _names_a_folder(output):
         if os.path.isfile(output):
             raise DemoError(f"--output {output}: is a file, but a folder is expected here")
         stem = os.path.splitext(os.path.basename(source_name))[0]
-        path = os.path.join(output, stem + ".mp4")
+        path = os.path.join(output, stem + (".avi" if _odd(size) else ".mp4"))
     elif os.path.splitext(output)[1].lower() in VIDEO_CODECS:
         path = output
+        if _odd(size) and not output.lower().endswith(".avi"):
+            raise DemoError(
+                f"--output {output}: the frames are {size[0]}x{size[1]}, and OpenCV's "
+                f"{os.path.splitext(output)[1]} encoders only write even sizes (it would write "
+                f"{size[0] // 2 * 2}x{size[1] // 2 * 2}); use an .avi output (or a folder), which keeps the size"
+            )
     else:
         raise DemoError(f"--output {output}: a video output must end in {', '.join(VIDEO_CODECS)}")
     if os.path.abspath(path) == os.path.abspath(source_name):
@@ -261,7 +274,14 @@ def video_output_path(output: str, source_name: str) -> str:
 
 
 def open_video_writer(path: str, fps: float, width: int, height: int) -> cv2.VideoWriter:
-    """An opened writer for ``path``, trying the codecs of its container in turn."""
+    """An opened writer for ``path``, trying the codecs of its container in turn. An .avi of
+    an odd frame size is written by OpenCV's own MJPEG writer: its FFmpeg encoders would round
+    the size down to an even one."""
+    if path.lower().endswith(".avi") and _odd((width, height)):
+        writer = cv2.VideoWriter(path, cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+        if writer.isOpened():
+            return writer
+        writer.release()
     codecs = VIDEO_CODECS[os.path.splitext(path)[1].lower()]
     for codec in codecs:
         writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*codec), fps, (width, height))
@@ -293,6 +313,12 @@ def open_video_file(path: str) -> cv2.VideoCapture:
     if not video.isOpened():
         raise DemoError(f"--video-input {path}: OpenCV cannot open this file as a video")
     return video
+
+
+def _capture_size(video: cv2.VideoCapture) -> Optional[Tuple[int, int]]:
+    """(width, height) of a capture's frames, None when OpenCV does not know it."""
+    width, height = int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    return (width, height) if width > 0 and height > 0 else None
 
 
 def _require_display() -> None:
@@ -407,7 +433,7 @@ def setup_loggers() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
+    args = get_parser().parse_args(overrides_after_opts(argv))
     setup_loggers()
     logger.info(f"arguments: {args}")
     if not 0.0 <= args.confidence_threshold <= 1.0:  # also rejects nan
@@ -423,13 +449,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.video_input:
         name = args.video_input
         source = open_video_file(name)
-        out_path = video_output_path(args.output, name) if args.output else None
+        out_path = video_output_path(args.output, name, _capture_size(source)) if args.output else None
     else:
         name = "webcam"
         source = cv2.VideoCapture(0)
         if not source.isOpened():
             raise DemoError("--webcam: OpenCV cannot open camera 0")
-        out_path = video_output_path(args.output, name) if args.output else None
+        out_path = video_output_path(args.output, name, _capture_size(source)) if args.output else None
     if args.output is None:
         _require_display()
 

@@ -34,7 +34,7 @@ from demo import (  # the image demo beside this file: its argument checks and v
     video_output_path,
 )
 from mask2former_d2.data.datasets.custom import add_dataset_argument
-from mask2former_d2.engine.launch import run_cli
+from mask2former_d2.engine.launch import overrides_after_opts, run_cli
 from mask2former_d2.video_predictor import VideoVisualizationDemo
 
 logger = logging.getLogger("mask2former_d2.demo")
@@ -60,7 +60,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="frames shared by consecutive windows in long-video mode (default: W // 4)")
     add_dataset_argument(parser)  # class names of a dataset registered from files
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; must come last")
+                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pkl; last on the "
+                        "line (--opts may be left out)")
     return parser
 
 
@@ -95,7 +96,7 @@ def read_frames(paths: Sequence[str]) -> List[np.ndarray]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
+    args = get_parser().parse_args(overrides_after_opts(argv))
     setup_loggers()
     if not 0.0 <= args.confidence_threshold <= 1.0:  # also rejects nan
         raise DemoError(f"--confidence-threshold must be in [0, 1]; got {args.confidence_threshold}")
@@ -116,15 +117,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.video_input:
         name = args.video_input
         open_video_file(name).release()  # a missing or undecodable file is named first
-        out_path = video_output_path(args.output, name)
+        video_output_path(args.output, name)  # a wrong --output is named before decoding
         frames, fps = read_video(name)
     else:
         paths = expand_inputs(args.input)
         name = os.path.basename(os.path.normpath(args.input[0])) if len(args.input) == 1 else "frames"
-        out_path = video_output_path(args.output, name)
+        video_output_path(args.output, name)
         frames, fps = read_frames(paths), 0.0
     if not frames:
         raise DemoError(f"{name}: no frame could be decoded")
+    # The output keeps the frames' size (an odd one too: see video_output_path).
+    out_path = video_output_path(args.output, name, (frames[0].shape[1], frames[0].shape[0]))
     fps = args.fps or fps or 5.0
 
     demo = VideoVisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)

@@ -11,10 +11,18 @@ Two cases stay allowed, as Detectron2 users expect:
   (``class_embed``, ``criterion.empty_weight``) differ in shape; they are re-initialised with a
   warning.
 
-Resuming (``resume_or_load(..., resume=True)``) also survives a checkpoint that cannot be read:
-fvcore writes checkpoints in place, not atomically, so a crash while saving (or a file system
-that lost unflushed data) can leave the file ``last_checkpoint`` names truncated. The newest
-other checkpoint in the directory that loads is used instead, with a warning naming the bad file.
+For inference (``for_inference=True``: ``--eval-only``, the demos, ``Predictor``, export) the
+fine-tuning allowance is an error: a classifier re-initialised for another class count, or a
+head missing from the checkpoint, gives meaningless outputs, so every mismatched key and shape
+is named with what the config expects.
+
+Saving is atomic (:meth:`MaskFormerCheckpointer.save`): fvcore writes a checkpoint in place, so
+an interrupted save left a truncated file under its final name. Here the data goes to a temporary
+file in the same folder, is flushed and fsync'ed, then renamed; ``last_checkpoint`` is written
+the same way, after the checkpoint. Resuming (``resume_or_load(..., resume=True)``) still
+survives a checkpoint that cannot be read (a file copied half-way, a file system that lost data):
+the newest other checkpoint in the directory that loads is used, with a warning naming the bad
+file; when none can be read, one ``ValueError`` says so.
 
 A user's wrong file is one ``ValueError`` / ``FileNotFoundError`` line naming it: a missing or
 unreadable file (:func:`unreadable_reason`), an ImageNet classification checkpoint that needs
@@ -24,14 +32,62 @@ model has.
 import logging
 import os
 import re
-from typing import Any, Dict, Iterable, List, Optional
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional
 from urllib.parse import urlparse
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MaskFormerCheckpointer", "classification_checkpoint", "unreadable_reason"]
+__all__ = [
+    "MaskFormerCheckpointer", "atomic_write", "classification_checkpoint", "last_good_checkpoint", "unreadable_reason",
+]
+
+# Suffix of the temporary file a checkpoint is written to before it is renamed to its name. It
+# does not end in ".pth", so fvcore's ``get_all_checkpoint_files`` never lists a partial file.
+TMP_SUFFIX = ".partial"
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Writes ``path`` so that it appears only complete: ``write(f)`` fills a temporary file in
+    the same folder, which is flushed, fsync'ed and renamed to ``path`` (an atomic replace on
+    POSIX and Windows). On any error or interruption the temporary file is removed and ``path``
+    keeps its previous content."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # the rename itself survives a power loss once the folder's entry is on disk
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def last_good_checkpoint(save_dir: str) -> Optional[str]:
+    """The checkpoint ``save_dir/last_checkpoint`` names, if that file exists (checkpoints are
+    written atomically, so an existing one is complete); else None."""
+    try:
+        with open(os.path.join(save_dir, "last_checkpoint")) as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    path = os.path.join(save_dir, name)
+    return path if name and os.path.isfile(path) else None
 
 # Classification checkpoints by their characteristic names -> (what they are, how to convert).
 _CLASSIFIERS = (
@@ -94,14 +150,60 @@ CLASS_DEPENDENT = ("predictor.class_embed.", "criterion.empty_weight")
 HEAD_PREFIXES = ("sem_seg_head.", "criterion.")
 
 
+def _first_line(error: Any) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _examples(keys: List[str], n: int = 5) -> str:
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
 
 
+def _model_name(model: Any) -> str:
+    """The class name of ``model``, looking through a DDP wrapper."""
+    return type(getattr(model, "module", model)).__name__
+
+
 class MaskFormerCheckpointer(DetectionCheckpointer):
     """A :class:`DetectionCheckpointer` that raises ``ValueError`` when a checkpoint does not fit
-    the model's architecture (see the module docstring)."""
+    the model's architecture, and saves atomically (see the module docstring).
+
+    Args:
+        model, save_dir, checkpointables: as in Detectron2's ``DetectionCheckpointer``.
+        for_inference: the weights are used as they are (evaluation, demos, export): any
+            parameter the checkpoint lacks or holds in another shape, including the classifier
+            of another class count, is an error rather than a re-initialisation.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, for_inference: bool = False, **checkpointables) -> None:
+        super().__init__(model, save_dir, **checkpointables)
+        self.for_inference = for_inference
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """fvcore's ``save``, written atomically (:func:`atomic_write`); the checkpoint also
+        records the model's class (``meta_architecture``) so that an image checkpoint is told
+        from a video one at inference."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not os.path.isdir(self.save_dir):  # a remote PathManager folder: fvcore's own way
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data["meta_architecture"] = _model_name(self.model)
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {path}")
+        atomic_write(path, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Writes ``last_checkpoint`` atomically (called after the checkpoint is complete)."""
+        if not os.path.isdir(self.save_dir):
+            return super().tag_last_checkpoint(last_filename_basename)
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
         """Detectron2's ``load``; a local ``path`` that is not a file raises
@@ -143,7 +245,7 @@ class MaskFormerCheckpointer(DetectionCheckpointer):
         ``save_dir`` that can.
 
         Raises:
-            RuntimeError: when the named checkpoint and every other one are unreadable.
+            ValueError: when the named checkpoint and every other one are unreadable.
         """
         named = super().get_checkpoint_file()
         if not named or not (os.path.isfile(named) or os.path.isdir(named)):
@@ -161,9 +263,10 @@ class MaskFormerCheckpointer(DetectionCheckpointer):
                     candidate,
                 )
                 return candidate
-        raise RuntimeError(
-            f"Cannot resume: the last checkpoint {named} is unreadable ({error}) and no other "
-            f"checkpoint in {self.save_dir} can be read."
+        raise ValueError(
+            f"cannot resume: the last checkpoint {named} is unreadable ({_first_line(error)}) and no "
+            f"other checkpoint in {self.save_dir} can be read; start over with --start-over or use "
+            "another OUTPUT_DIR"
         )
 
     def _load_model(self, checkpoint: Dict[str, Any]) -> Any:
@@ -216,6 +319,8 @@ class MaskFormerCheckpointer(DetectionCheckpointer):
                 + ". Check that the config (backbone depth, pixel/transformer decoder, hidden "
                 "dims, number of queries and layers) is the one the checkpoint was trained with."
             )
+        if self.for_inference:
+            self._check_complete(source, checkpoint, incompatible)
         if skipped:
             logger.warning(
                 "%s: class-dependent weights re-initialised for a different number of classes: %s",
@@ -223,3 +328,34 @@ class MaskFormerCheckpointer(DetectionCheckpointer):
                 ", ".join(skipped),
             )
         return incompatible
+
+    def _check_complete(self, source: str, checkpoint: Dict[str, Any], incompatible: Any) -> None:
+        """For inference: raises ``ValueError`` when the checkpoint was saved from another
+        meta-architecture (image vs video), holds a classifier of another class count, or lacks
+        parameters of the model (a backbone-only file), naming keys, shapes and the config."""
+        model_name = _model_name(self.model)
+        saved_from = checkpoint.get("meta_architecture")
+        if isinstance(saved_from, str) and saved_from != model_name:
+            raise ValueError(
+                f"{source} is a {saved_from} checkpoint, but the config builds a {model_name} "
+                "(MODEL.META_ARCHITECTURE); use the config the checkpoint was trained with"
+            )
+        classes = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes]
+        if classes:
+            shapes = "; ".join(f"{k}: {a} in the checkpoint, {b} in the model" for k, a, b in classes[:3])
+            # class_embed has NUM_CLASSES + 1 outputs (the last one is "no object").
+            ckpt_classes, model_classes = classes[0][1][0] - 1, classes[0][2][0] - 1
+            raise ValueError(
+                f"{source} was trained for {ckpt_classes} classes, but the config expects "
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {model_classes} ({shapes}); set "
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {ckpt_classes} and the dataset it was trained on, or "
+                "fine-tune it with train_net.py first"
+            )
+        params = {n for n, _ in getattr(self.model, "module", self.model).named_parameters()}
+        missing = sorted(k for k in incompatible.missing_keys if k in params)
+        if missing:
+            raise ValueError(
+                f"{source} lacks {len(missing)} of the model's {len(params)} parameters "
+                f"({_examples(missing)}); they would stay randomly initialised. Use weights of the "
+                "whole model trained with this config (a backbone-only file is for training)"
+            )

@@ -168,6 +168,42 @@ def _unknown_key_error(cfg: CN, key: str, source: str) -> KeyError:
     return KeyError(f"{source}: unknown config key {key}{hint}")
 
 
+def _check_yaml_chain(config_file: str, chain: tuple = ()) -> None:
+    """Reads ``config_file`` and its ``_BASE_`` files the way Detectron2 resolves them, so that
+    a YAML syntax error, a missing base file or a circular ``_BASE_`` is one error naming the
+    file (Detectron2 would recurse until a RecursionError, or raise the parser's traceback).
+
+    Raises:
+        ValueError: a syntax error (file, line, column) or a circular chain (listed).
+        FileNotFoundError: a ``_BASE_`` file that does not exist.
+    """
+    import os
+
+    import yaml
+
+    path = os.path.abspath(config_file)
+    if path in chain:
+        names = " -> ".join(os.path.relpath(p) for p in chain + (path,))
+        raise ValueError(f"circular _BASE_ in config files: {names}")
+    try:
+        with open(config_file) as f:
+            content = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {config_file}: YAML syntax error{where}: {problem}") from None
+    base = content.get("_BASE_") if isinstance(content, dict) else None
+    if not base or "://" in str(base):
+        return
+    base = os.path.expanduser(str(base))
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.dirname(config_file), base)
+    if not os.path.isfile(base):
+        raise FileNotFoundError(f"config file {config_file}: its _BASE_ {base} does not exist")
+    _check_yaml_chain(base, chain + (path,))
+
+
 def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
     """Detectron2's defaults + DeepLab's + :func:`add_maskformer2_config` +
     :func:`add_maskformer2_video_config`, then ``config_file``
@@ -186,6 +222,7 @@ def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file not found: {config_file}")
+        _check_yaml_chain(config_file)
         try:
             cfg.merge_from_file(config_file)
         except (KeyError, AssertionError) as e:
@@ -250,6 +287,18 @@ _POSITIVE_INTS = (
     "MODEL.MASK_FORMER.HIDDEN_DIM",
     "MODEL.MASK_FORMER.NHEADS",
     "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+    "MODEL.MASK_FORMER.DEC_LAYERS",
+    "MODEL.MASK_FORMER.DIM_FEEDFORWARD",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM",
+    "MODEL.SEM_SEG_HEAD.MASK_DIM",
+)
+# (channels key, heads key, the pixel decoder it applies to or None for all): attention splits
+# the channels evenly over the heads.
+_DIVISIBLE = (
+    ("MODEL.MASK_FORMER.HIDDEN_DIM", "MODEL.MASK_FORMER.NHEADS", None),
+    ("MODEL.SEM_SEG_HEAD.CONVS_DIM", "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS",
+     "MSDeformAttnPixelDecoder"),
 )
 
 
@@ -271,10 +320,60 @@ def _unknown_name(what: str, name: str, known, listed: bool = True) -> str:
     return f"{what}: unknown dataset {name!r}{hint} ({len(known)} datasets are registered)"
 
 
-def validate_cfg(cfg: CN, *, datasets: bool = True) -> None:
-    """Checks, before anything is built, the values that would otherwise fail deep inside
-    Detectron2 or torch: the registered names the model is built from, the sizes that must be
-    positive and (with ``datasets``) the names in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
+def _positive(value, *, allow_zero: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 if allow_zero else value > 0
+
+
+def _dataset_classes(cfg: CN, name: str):
+    """(number of classes the model must predict for dataset ``name``, which metadata field
+    says so), from its registered metadata; (None, "") when the metadata lists no classes."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(name)
+    things, stuff = meta.get("thing_classes"), meta.get("stuff_classes")
+    # Instance segmentation (images and videos) predicts the things only; semantic and panoptic
+    # segmentation the stuff list, which holds the things too in Detectron2's panoptic metadata.
+    instance = "instance" in cfg.INPUT.DATASET_MAPPER_NAME or cfg.MODEL.META_ARCHITECTURE == "VideoMaskFormer"
+    if instance and things:
+        return len(things), "thing_classes"
+    if stuff:
+        return len(stuff), "stuff_classes"
+    if things:
+        return len(things), "thing_classes"
+    return None, ""
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"MODEL.DEVICE {device!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if parsed.type != "cuda" or device == "cuda":  # plain "cuda" falls back to the CPU
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"MODEL.DEVICE {device}: CUDA is not available on this machine; use MODEL.DEVICE cpu"
+        )
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"MODEL.DEVICE {device}: only {torch.cuda.device_count()} CUDA devices are visible "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
+
+
+def validate_cfg(cfg: CN, *, datasets: bool = True, num_processes: int = 1, training: bool = True) -> None:
+    """The one validation pass over a merged config, before anything is built or read: the
+    values that would otherwise fail deep inside Detectron2 or torch (or silently do nothing).
+
+    Checked: the registered names the model is built from; the sizes that must be positive;
+    ``INPUT.FORMAT``; ``MODEL.DEVICE``; with ``training``, the solver (``SOLVER.IMS_PER_BATCH``
+    positive and divisible by ``num_processes``, ``SOLVER.MAX_ITER``,
+    ``SOLVER.CHECKPOINT_PERIOD``); with ``datasets``, the names in ``DATASETS.TRAIN`` /
+    ``DATASETS.TEST`` and that ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` covers their classes.
 
     Raises:
         ValueError: naming the key, the value and what is expected (close names suggested).
@@ -294,9 +393,66 @@ def validate_cfg(cfg: CN, *, datasets: bool = True) -> None:
         value = _get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{key} must be a positive integer; got {value!r}")
+    for dim_key, heads_key, decoder in _DIVISIBLE:
+        dim, heads = _get(cfg, dim_key), _get(cfg, heads_key)
+        if decoder not in (None, cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME):
+            continue
+        if isinstance(heads, int) and heads > 0 and dim % heads:
+            raise ValueError(
+                f"{dim_key} {dim} is not divisible by {heads_key} {heads}: attention splits the channels "
+                "evenly over the heads"
+            )
+    if not isinstance(cfg.DATALOADER.NUM_WORKERS, int) or cfg.DATALOADER.NUM_WORKERS < 0:
+        raise ValueError(f"DATALOADER.NUM_WORKERS must be >= 0 (0: load in the main process); "
+                         f"got {cfg.DATALOADER.NUM_WORKERS!r}")
+    inp = cfg.INPUT
+    if inp.FORMAT not in ("BGR", "RGB"):
+        raise ValueError(
+            f"INPUT.FORMAT {inp.FORMAT!r} is not supported: the model takes 3-channel images, "
+            "INPUT.FORMAT BGR or RGB (as its MODEL.PIXEL_MEAN / PIXEL_STD are given)"
+        )
+    sizes = [("INPUT.IMAGE_SIZE", inp.IMAGE_SIZE, False), ("INPUT.MAX_SIZE_TRAIN", inp.MAX_SIZE_TRAIN, False),
+             ("INPUT.MAX_SIZE_TEST", inp.MAX_SIZE_TEST, False),
+             # 0 keeps test images at their own size, as in Detectron2.
+             ("INPUT.MIN_SIZE_TEST", inp.MIN_SIZE_TEST, True)]
+    train_sizes = inp.MIN_SIZE_TRAIN if isinstance(inp.MIN_SIZE_TRAIN, (list, tuple)) else [inp.MIN_SIZE_TRAIN]
+    sizes += [("INPUT.MIN_SIZE_TRAIN", v, False) for v in train_sizes]
+    for key, value, zero_ok in sizes:
+        if not _positive(value, allow_zero=zero_ok):
+            expected = ">= 0 (0: no resizing)" if zero_ok else "> 0"
+            shown = tuple(train_sizes) if key == "INPUT.MIN_SIZE_TRAIN" else value
+            raise ValueError(f"{key} must be {expected}; got {shown!r}")
+    _check_device(cfg.MODEL.DEVICE)
+    if training:
+        solver = cfg.SOLVER
+        batch = solver.IMS_PER_BATCH
+        if not _positive(batch) or not isinstance(batch, int):
+            raise ValueError(f"SOLVER.IMS_PER_BATCH must be a positive integer; got {batch!r}")
+        if batch % num_processes:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH {batch} is not divisible by the {num_processes} processes "
+                f"(--num-gpus x --num-machines); use a multiple of {num_processes}"
+            )
+        for key in ("SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD"):
+            value = _get(cfg, key)
+            if not _positive(value) or not isinstance(value, int):
+                raise ValueError(f"{key} must be a positive integer; got {value!r}")
+        lr = solver.BASE_LR
+        if not _positive(lr) or lr != lr or lr == float("inf"):
+            raise ValueError(f"SOLVER.BASE_LR must be a positive finite number; got {lr!r}")
     if datasets:
         registered = DatasetCatalog.list()
         for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
             for name in _get(cfg, key):
                 if name not in registered:
                     raise ValueError(_unknown_name(key, name, registered, listed=False))
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
+            for name in _get(cfg, key):
+                needed, field = _dataset_classes(cfg, name)
+                if needed is not None and num_classes < needed:
+                    raise ValueError(
+                        f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {num_classes} is smaller than the {needed} "
+                        f"classes of {key} {name!r} (its metadata's {field}); set "
+                        f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {needed}"
+                    )

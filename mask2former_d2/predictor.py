@@ -13,6 +13,7 @@ import math
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
+import matplotlib.figure as mplfigure
 import numpy as np
 import torch
 from detectron2.config import CfgNode
@@ -22,10 +23,12 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from .checkpoint import MaskFormerCheckpointer
 
-__all__ = ["Predictor", "VisualizationDemo", "check_bgr_image", "filter_instances"]
+__all__ = ["Predictor", "VisualizationDemo", "check_bgr_image", "filter_instances", "resize_transform"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,17 @@ def _padded_size(size: Tuple[int, int], divisor: int) -> Tuple[int, int]:
     if divisor <= 1:
         return size
     return tuple(-(-s // divisor) * divisor for s in size)
+
+
+def resize_transform(aug: T.ResizeShortestEdge, image: np.ndarray) -> T.Transform:
+    """``aug``'s resize of ``image``, with each side at least one pixel: the shortest edge's
+    target capped by the longest edge's rounds a 1 x 4000 image to 0 rows, which PIL refuses."""
+    transform = aug.get_transform(image)
+    if isinstance(transform, T.ResizeTransform) and min(transform.new_h, transform.new_w) < 1:
+        transform = T.ResizeTransform(
+            transform.h, transform.w, max(1, transform.new_h), max(1, transform.new_w), transform.interp
+        )
+    return transform
 
 
 def _metadata_for(cfg: CfgNode) -> Metadata:
@@ -177,7 +191,8 @@ class Predictor:
         self.model = build_model(self.cfg)
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:
-            MaskFormerCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+            # The weights are used as they are: a head that does not fit the config is an error.
+            MaskFormerCheckpointer(self.model, for_inference=True).load(self.cfg.MODEL.WEIGHTS)
         else:
             logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
 
@@ -246,7 +261,7 @@ class Predictor:
         if self.input_format == "RGB":
             image = image[:, :, ::-1]
         height, width = image.shape[:2]
-        resized = self.aug.get_transform(image).apply_image(image) if self.aug else image
+        resized = resize_transform(self.aug, image).apply_image(image) if self.aug else image
         # (H', W', 3) uint8 -> (3, H', W') float32, the layout the model expects.
         tensor = torch.as_tensor(
             np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32
@@ -269,20 +284,42 @@ def _compute_drawn_output_only(model: Any) -> None:
         model.semantic_labels = True
 
 
+class _BlendingAxes(Axes):
+    """Matplotlib axes whose ``imshow`` hands the image to ``self.overlay._blend`` (an
+    :class:`_OverlayImage`) instead of keeping it for rendering. Detectron2 draws a mask with
+    holes as an ``imshow`` of a full-size float RGBA array, kept until rendering (16 bytes per
+    pixel each); it is blended into the photo at once instead."""
+
+    overlay: "_OverlayImage"
+
+    def imshow(self, X, *args, **kwargs) -> None:
+        self.overlay._blend(np.asarray(X))
+
+
 class _OverlayImage(VisImage):
     """Detectron2's ``VisImage`` that leaves the photo out of matplotlib: only the overlays are
-    rendered (on a transparent canvas) and :meth:`get_image` blends them onto the photo, band by
-    band. Same drawing up to rounding; matplotlib renders an ``imshow``-ed photo through float
-    RGBA copies, ~2.3 GB more at 6000x4000."""
+    rendered (on a transparent canvas, axes :class:`_BlendingAxes`) and :meth:`get_image`
+    blends them onto the photo, band by band. Same drawing up to rounding; matplotlib renders
+    an ``imshow``-ed photo through float RGBA copies, ~2.3 GB more at 6000x4000."""
+
+    def _setup_figure(self, img: np.ndarray) -> None:
+        # Detectron2's figure (one inch per dpi pixels, plus a margin against matplotlib's
+        # truncation), with axes of the blending class.
+        fig = mplfigure.Figure(frameon=False)
+        self.dpi = fig.get_dpi()
+        fig.set_size_inches((self.width * self.scale + 1e-2) / self.dpi, (self.height * self.scale + 1e-2) / self.dpi)
+        self.canvas = FigureCanvasAgg(fig)
+        self.ax = fig.add_axes([0.0, 0.0, 1.0, 1.0], axes_class=_BlendingAxes)
+        self.ax.overlay = self
+        self.ax.axis("off")
+        self.fig = fig
+        self.reset_image(img)
 
     def reset_image(self, img: np.ndarray) -> None:
         self.img = np.array(img, dtype=np.uint8)  # a copy: overlays may be blended into it
         # The pixel coordinates imshow's extent would give the axes.
         self.ax.set_xlim(0, self.width)
         self.ax.set_ylim(self.height, 0)
-        # Detectron2 draws a mask with holes as an imshow of a full-size float RGBA array, kept
-        # until rendering (16 bytes per pixel each): blended into the photo at once instead.
-        self.ax.imshow = self._blend
 
     def _blend(self, rgba: np.ndarray, **kwargs) -> None:
         if rgba.shape != (self.height, self.width, 4):

@@ -16,7 +16,7 @@ from detectron2.config import CfgNode
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .predictor import Predictor, _with_class_names, check_bgr_image
+from .predictor import Predictor, _with_class_names, check_bgr_image, resize_transform
 
 __all__ = ["VideoPredictor", "VideoVisualizationDemo"]
 
@@ -66,7 +66,7 @@ class VideoPredictor(Predictor):
             image = frame[:, :, ::-1] if self.input_format == "RGB" else frame
             if self.aug is not None:
                 # One transform for the clip, as the video test mapper does.
-                transform = transform or self.aug.get_transform(image)
+                transform = transform or resize_transform(self.aug, image)
                 image = transform.apply_image(image)
             tensors.append(torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))))
         with torch.no_grad():

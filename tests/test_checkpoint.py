@@ -122,5 +122,77 @@ class TestBadWeightFiles(unittest.TestCase):
         self.assertTrue(torch.equal(source.backbone.weight, target.backbone.weight))
 
 
+class TestWeightsThatDoNotFit(unittest.TestCase):
+    """Inference (Predictor, and so the demos, export and --eval-only's checkpointer) refuses
+    weights whose head does not fit the config; fine-tuning keeps Detectron2's re-initialisation
+    with a warning."""
+
+    @classmethod
+    def setUpClass(cls):
+        from detectron2.modeling import build_model
+
+        from tests.common import ROOT, tiny_cfg
+
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.tiny_cfg = staticmethod(tiny_cfg)
+        # An image model trained for 3 classes, a video model shaped exactly like the image
+        # model (same keys and shapes: only the recorded architecture tells them apart), and a
+        # backbone-only file.
+        cls.three = cls.save(build_model(tiny_cfg("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3)), "three")
+        video_cfg = tiny_cfg(config_file=os.path.join(ROOT, "configs", "quickstart",
+                                                      "video_maskformer2_R18_tiny_toy_ytvis.yaml"))
+        video_cfg.merge_from_list(["MODEL.SEM_SEG_HEAD.NUM_CLASSES", 133, "DATASETS.TEST", ()])
+        cls.video = cls.save(build_model(video_cfg), "video")
+        model = build_model(tiny_cfg())
+        cls.backbone = os.path.join(cls.tmp.name, "backbone.pth")
+        torch.save({"model": {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}},
+                   cls.backbone)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    @classmethod
+    def save(cls, model, name: str) -> str:
+        folder = os.path.join(cls.tmp.name, name)
+        os.makedirs(folder)
+        MaskFormerCheckpointer(model, folder).save("model")
+        return os.path.join(folder, "model.pth")
+
+    def predictor_error(self, weights: str) -> str:
+        from mask2former_d2.predictor import Predictor
+
+        with self.assertRaises(ValueError) as ctx:
+            Predictor(self.tiny_cfg("MODEL.WEIGHTS", weights))
+        message = str(ctx.exception)
+        self.assertEqual(len(message.splitlines()), 1, message)
+        return message
+
+    def test_other_class_count(self):
+        message = self.predictor_error(self.three)
+        self.assertIn(f"{self.three} was trained for 3 classes, but the config expects "
+                      "MODEL.SEM_SEG_HEAD.NUM_CLASSES 133", message)
+        self.assertIn("sem_seg_head.predictor.class_embed.weight: (4, 32) in the checkpoint, (134, 32) in the model",
+                      message)
+
+    def test_video_checkpoint_in_the_image_model(self):
+        message = self.predictor_error(self.video)
+        self.assertIn(f"{self.video} is a VideoMaskFormer checkpoint, but the config builds a MaskFormer "
+                      "(MODEL.META_ARCHITECTURE)", message)
+
+    def test_backbone_only_weights(self):
+        message = self.predictor_error(self.backbone)
+        self.assertRegex(message, rf"{self.backbone} lacks \d+ of the model's \d+ parameters \(sem_seg_head\.")
+
+    def test_fine_tuning_keeps_the_warning(self):
+        from detectron2.modeling import build_model
+
+        model = build_model(self.tiny_cfg())
+        with self.assertLogs("mask2former_d2.checkpoint", "WARNING") as logs:
+            MaskFormerCheckpointer(model).load(self.three)
+        self.assertIn("class-dependent weights re-initialised for a different number of classes", logs.output[0])
+        MaskFormerCheckpointer(model).load(self.video)  # the COCO -> YouTube-VIS recipe, reversed
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -3,10 +3,11 @@
 * two CPU processes (gloo): train a few iterations, checkpoint, evaluate on the toy panoptic val
   split with results gathered from both workers, exit cleanly; then ``--eval-only`` of the final
   weights with the same two processes gives the same metrics;
-* a run killed with SIGKILL resumes with ``--resume`` at the iteration after its last checkpoint,
-  keeping the earlier checkpoints and metrics; a truncated last checkpoint falls back to the
-  previous one;
-* the checkpointer's fallback itself, on a toy module (fast).
+* a run killed with SIGKILL (by a hook, right after its checkpoint of iteration 21: the same
+  point on any machine) resumes with ``--resume`` at the iteration after that checkpoint,
+  keeping the earlier checkpoints and metrics and taking over the dead run's ``OUTPUT_DIR``
+  lock; a truncated last checkpoint falls back to the previous one;
+* the checkpointer's fallback and atomic saving, on a toy module (fast).
 
 The subprocess tests are slow (about 3 minutes on 2 cores) but meant for CI. Each subprocess has
 a timeout, and the tail of its output is printed when a check fails.
@@ -19,14 +20,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 from typing import Dict, List, Optional, Tuple
+from unittest import mock
 
 import torch
 from torch import nn
 
-from mask2former_d2.checkpoint import MaskFormerCheckpointer
+from mask2former_d2.checkpoint import MaskFormerCheckpointer, last_good_checkpoint
 from tests.common import ROOT as REPO_ROOT
 
 TINY_CONFIG = "configs/quickstart/maskformer2_R18_tiny_coco_panoptic.yaml"
@@ -75,10 +76,11 @@ class _TrainNetCase(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def start(self, args: List[str], log_name: str) -> Tuple[subprocess.Popen, str]:
-        """Starts ``train_net.py args`` in its own process group; output goes to a log file."""
+    def start(self, args: List[str], log_name: str, script: str = "train_net.py") -> Tuple[subprocess.Popen, str]:
+        """Starts ``script args`` (train_net.py by default) in its own process group; output goes
+        to a log file."""
         log_path = os.path.join(self.tmp, log_name)
-        cmd = [sys.executable, "train_net.py", "--config-file", TINY_CONFIG] + args
+        cmd = [sys.executable, script, "--config-file", TINY_CONFIG] + args
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -187,45 +189,77 @@ class TestDistributedCPU(_TrainNetCase):
                     self.assertAlmostEqual(eval_metrics[task][name], value, 2, (task, name))
 
 
+# train_net.py with one more hook, run after the periodic checkpointer and the metrics writer:
+# after iteration M2F_KILL_AT it sends its own process M2F_SIGNAL: KILL (a crash: no clean-up
+# runs) or INT (Ctrl-C).
+KILLED_TRAIN_NET = """
+import os, signal, sys
+from detectron2.engine import HookBase
+from mask2former_d2.engine import Trainer, default_argument_parser, launch_main, main
+
+class KillAfter(HookBase):
+    def after_step(self):
+        if self.trainer.iter == int(os.environ["M2F_KILL_AT"]):
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("M2F_SIGNAL", "KILL")))
+
+class KilledTrainer(Trainer):
+    def build_hooks(self):
+        return super().build_hooks() + [KillAfter()]
+
+sys.argv[0] = "train_net.py"
+launch_main(default_argument_parser().parse_args(), lambda args: main(args, KilledTrainer))
+"""
+
+
 class TestResume(_TrainNetCase):
     THREADS = "1"
     MAX_ITER, PERIOD = 30, 11  # checkpoints after iterations 10 and 21; metrics written at 19
-
-    def wait_for_checkpoint(self, proc: subprocess.Popen, log_path: str, out_dir: str, name: str):
-        """Polls until ``last_checkpoint`` names ``name`` (its save has completed)."""
-        tag = os.path.join(out_dir, "last_checkpoint")
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            if os.path.isfile(tag) and self.read(tag).strip() == name:
-                return
-            if proc.poll() is not None:
-                self.fail(f"run ended before {name}:\n{_tail(self.read(log_path))}")
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        self.fail(f"no {name} after {TIMEOUT} s:\n{_tail(self.read(log_path))}")
+    KILL_AT = 21
 
     def test_killed_run_resumes_and_survives_a_truncated_checkpoint(self):
         out_dir = os.path.join(self.tmp, "resume")
         period = ["SOLVER.CHECKPOINT_PERIOD", str(self.PERIOD)]
         args = TOY_OPTS + NO_EVAL + period + ["OUTPUT_DIR", out_dir]
-        proc, log_path = self.start(args + ["SOLVER.MAX_ITER", str(self.MAX_ITER)], "killed.log")
-        self.wait_for_checkpoint(proc, log_path, out_dir, "model_0000021.pth")
-        os.killpg(proc.pid, signal.SIGKILL)
-        code, out = self.finish(proc, log_path)
+        script = os.path.join(self.tmp, "killed_train_net.py")
+        with open(script, "w") as f:
+            f.write(KILLED_TRAIN_NET)
+        self.env["M2F_KILL_AT"] = str(self.KILL_AT)
+        try:
+            proc, log_path = self.start(args + ["SOLVER.MAX_ITER", str(self.MAX_ITER)], "killed.log", script)
+            code, out = self.finish(proc, log_path)
+        finally:
+            del self.env["M2F_KILL_AT"]
         self.assertEqual(code, -signal.SIGKILL, _tail(out))
+        lock = json.loads(self.read(os.path.join(out_dir, ".lock")))  # left behind by the crash
+        self.assertEqual(lock["pid"], proc.pid)
 
         last = os.path.join(out_dir, self.read(os.path.join(out_dir, "last_checkpoint")).strip())
         done = _iteration(last)
-        self.assertGreaterEqual(done, 21)
+        self.assertEqual(done, self.KILL_AT)
         self.assertFalse(os.path.exists(os.path.join(out_dir, "model_final.pth")))
         # A copy of the killed run for the truncated-checkpoint case below.
         broken_dir = os.path.join(self.tmp, "resume_truncated")
         shutil.copytree(out_dir, broken_dir)
 
+        # Without --resume the folder is refused (after taking over the dead run's lock), and no
+        # file of the earlier run changes.
+        def files():
+            return {n: os.path.getmtime(os.path.join(out_dir, n)) for n in os.listdir(out_dir) if n != ".lock"}
+
+        before = files()
+        code, out = self.finish(*self.start(args + ["SOLVER.MAX_ITER", str(self.MAX_ITER)], "refused.log"))
+        self.assertEqual(code, 1, _tail(out))
+        self.assertIn(f"taking over the lock of process {proc.pid} on ", out)
+        self.assertIn(f"OUTPUT_DIR {out_dir} already holds a run (last_checkpoint, model_0000010.pth, "
+                      "model_0000021.pth, metrics.json); add --resume to continue it, --start-over", out)
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(files(), before)
+
         out = self.run_train_net(
             ["--resume"] + args + ["SOLVER.MAX_ITER", str(self.MAX_ITER)], "resumed.log"
         )
         self.assertIn(f"Starting training from iteration {done + 1}", out, _tail(out))
+        self.assertFalse(os.path.exists(os.path.join(out_dir, ".lock")))  # released at the end
         self.assertEqual(_iteration(os.path.join(out_dir, "model_final.pth")), self.MAX_ITER - 1)
         for name, it in (("model_0000010.pth", 10), ("model_0000021.pth", 21)):
             self.assertEqual(_iteration(os.path.join(out_dir, name)), it)
@@ -251,6 +285,40 @@ class TestResume(_TrainNetCase):
         self.assertIn("resuming from " + good, out)
         self.assertIn("Starting training from iteration 22", out)
         self.assertEqual(_iteration(os.path.join(broken_dir, "model_final.pth")), 22)
+
+    def test_infinite_loss_is_one_line(self):
+        # Detectron2 logs its own traceback first: it stays in log.txt, the console shows ours.
+        out_dir = os.path.join(self.tmp, "diverged")
+        args = TOY_OPTS + NO_EVAL + ["SOLVER.BASE_LR", "1e30", "SOLVER.WARMUP_ITERS", "0", "SOLVER.MAX_ITER", "6",
+                                     "SOLVER.CLIP_GRADIENTS.ENABLED", "False", "OUTPUT_DIR", out_dir]
+        code, out = self.finish(*self.start(args, "diverged.log"))
+        self.assertEqual(code, 1, _tail(out))
+        last = out.strip().splitlines()[-1]
+        self.assertRegex(last, r"^train_net.py: error: the loss became infinite or NaN at iteration \d+ \(loss_ce=")
+        self.assertIn("with learning rate 1e+30 (SOLVER.BASE_LR 1e+30); lower SOLVER.BASE_LR", last)
+        self.assertNotIn("Traceback", out)
+        self.assertIn("FloatingPointError", self.read(os.path.join(out_dir, "log.txt")))
+
+    def test_ctrl_c_names_the_last_good_checkpoint(self):
+        out_dir = os.path.join(self.tmp, "interrupted")
+        script = os.path.join(self.tmp, "interrupted_train_net.py")
+        with open(script, "w") as f:
+            f.write(KILLED_TRAIN_NET)
+        args = TOY_OPTS + NO_EVAL + ["SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.MAX_ITER", "30", "OUTPUT_DIR", out_dir]
+        self.env.update(M2F_KILL_AT="3", M2F_SIGNAL="INT")  # checkpoint after iteration 2
+        try:
+            code, out = self.finish(*self.start(args, "interrupted.log", script))
+        finally:
+            del self.env["M2F_KILL_AT"], self.env["M2F_SIGNAL"]
+        self.assertEqual(code, 130, _tail(out))
+        last = os.path.join(out_dir, "model_0000002.pth")
+        self.assertEqual(
+            out.strip().splitlines()[-1],
+            f"train_net.py: interrupted; the last good checkpoint is {last} (continue with --resume)",
+        )
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(_iteration(last), 2)
+        self.assertFalse(os.path.exists(os.path.join(out_dir, ".lock")))
 
 
 class TestCheckpointFallback(unittest.TestCase):
@@ -302,8 +370,44 @@ class TestCheckpointFallback(unittest.TestCase):
     def test_nothing_readable_raises(self):
         for path in self.weights.values():
             self.truncate(path)
-        with self.assertRaisesRegex(RuntimeError, "model_0000009.pth is unreadable"):
+        with self.assertRaises(ValueError) as ctx:
             self.resume()
+        message = str(ctx.exception)
+        self.assertEqual(len(message.splitlines()), 1, message)
+        self.assertIn(f"cannot resume: the last checkpoint {self.weights[9]} is unreadable", message)
+        self.assertIn(f"no other checkpoint in {self.dir} can be read", message)
+
+    def test_interrupted_save_keeps_the_previous_files(self):
+        # Ctrl-C (or a crash) while torch.save writes: nothing appears under the checkpoint's
+        # name, no partial file is left, last_checkpoint still names the previous checkpoint.
+        def interrupted_save(obj, f, *args, **kwargs):
+            f.write(b"PK\x03\x04 partial")
+            raise KeyboardInterrupt
+
+        with mock.patch("mask2former_d2.checkpoint.torch.save", interrupted_save), \
+                self.assertRaises(KeyboardInterrupt):
+            self.checkpointer.save("model_0000014", iteration=14)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["last_checkpoint", "model_0000004.pth", "model_0000009.pth"])
+        self.assertEqual(last_good_checkpoint(self.dir), self.weights[9])
+        self.assertEqual(self.resume()["iteration"], 9)
+
+    def test_last_checkpoint_is_written_after_the_checkpoint(self):
+        order = []
+        real_replace = os.replace
+
+        def recording_replace(src, dst):
+            order.append(os.path.basename(dst))
+            real_replace(src, dst)
+
+        with mock.patch("mask2former_d2.checkpoint.os.replace", recording_replace):
+            self.checkpointer.save("model_0000014", iteration=14)
+        self.assertEqual(order, ["model_0000014.pth", "last_checkpoint"])
+        self.assertEqual(self.read_tag(), "model_0000014.pth")
+        self.assertEqual(torch.load(os.path.join(self.dir, "model_0000014.pth"), weights_only=False)["iteration"], 14)
+
+    def read_tag(self) -> str:
+        with open(os.path.join(self.dir, "last_checkpoint")) as f:
+            return f.read()
 
 
 if __name__ == "__main__":

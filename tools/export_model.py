@@ -59,8 +59,11 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--opset", type=int, default=None, help="ONNX opset (default: %(default)s = the exporter's, >= 17)"
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    args = parser.parse_args(argv)
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="config overrides: KEY VALUE ... (may follow --opts, as in the demos)")
+    from mask2former_d2.engine.launch import overrides_without_opts
+
+    args = parser.parse_args(overrides_without_opts(argv))
     if not args.output.endswith(EXTENSIONS[args.format]):
         parser.error(f"--output {args.output}: a --format {args.format} file must end in {EXTENSIONS[args.format]}")
     if len(args.opts) % 2:

@@ -433,8 +433,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--config-file", default="", metavar="FILE", help="model config to check against"
     )
     parser.add_argument("--verbose", action="store_true", help="keep the checkpointer's own log")
-    parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE ...")
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE ... (may follow --opts)")
+    from mask2former_d2.engine.launch import overrides_without_opts
+
+    args = parser.parse_intermixed_args(overrides_without_opts(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.opts and not args.config_file:
         parser.error("config overrides need --config-file")

@@ -1,13 +1,27 @@
 """``Trainer``: Detectron2's ``DefaultTrainer`` with the MaskFormer data mappers, optimizer,
-schedule, evaluators and checkpointer. Only ``build_*`` class methods are overridden, as in
-Detectron2's own projects."""
+schedule, evaluators and checkpointer, through its ``build_*`` class methods as in Detectron2's
+own projects. The constructor repeats ``DefaultTrainer.__init__``'s steps with a CPU-capable DDP
+wrapper and AMP loop (no module of Detectron2 is patched); ``train`` turns a non-finite loss into
+one line; the training set is checked before the first iteration (empty, missing fields, missing
+files)."""
+import json
 import logging
 import os
+import re
 import weakref
+from typing import List, Optional
 
-from detectron2.data import build_detection_train_loader
-from detectron2.engine import DefaultTrainer, create_ddp_model
+from detectron2.data import (
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.projects.deeplab import build_lr_scheduler
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import MaskFormerCheckpointer
 from ..data.mappers import build_dataset_mapper
@@ -16,7 +30,102 @@ from ..solver import build_optimizer
 from ..test_time_augmentation import SemanticSegmentorWithTTA
 from .amp import MaskFormerAMPTrainer
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "dataset_files", "load_train_dicts"]
+
+# Metadata fields that name a dataset's files, for messages about its content.
+_FILE_FIELDS = ("json_file", "panoptic_json", "sem_seg_root", "image_root")
+
+
+def dataset_files(name: str) -> str:
+    """The files registered dataset ``name`` is read from (its metadata), for messages."""
+    meta = MetadataCatalog.get(name)
+    files = [f"{f} {meta.get(f)}" for f in _FILE_FIELDS if meta.get(f)]
+    return "; ".join(files) if files else "no file recorded in its metadata"
+
+
+def _json_problem(names: List[str]) -> Optional[ValueError]:
+    """What is wrong with the COCO json(s) of datasets ``names`` (a missing list or field,
+    naming the record), or None when their structure is fine or they have no json."""
+    from ..data.datasets.utils import check_coco_json
+
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        for field, panoptic in (("json_file", False), ("panoptic_json", True)):
+            path = meta.get(field)
+            if path and os.path.isfile(path):
+                with open(path) as f:
+                    try:
+                        check_coco_json(path, json.load(f), panoptic=panoptic)
+                    except ValueError as precise:
+                        return precise
+    return None
+
+
+def _explain_key_error(names: List[str], error: KeyError) -> ValueError:
+    """A loader (Detectron2's ``load_coco_json``, pycocotools) failed on a missing field: the
+    COCO json of the dataset is checked to name the record; else the dataset and the field."""
+    return _json_problem(names) or ValueError(
+        f"{', '.join(names)}: a record of the dataset has no field {error.args[0]!r} "
+        f"({'; '.join(dataset_files(n) for n in names)})"
+    )
+
+
+def check_files_exist(dicts: list, names: List[str]) -> None:
+    """Raises ``FileNotFoundError`` naming the first record whose image (or annotation PNG)
+    does not exist, before training starts rather than when the loader reaches it."""
+    for i, record in enumerate(dicts):
+        for field in ("file_name", "sem_seg_file_name", "pan_seg_file_name", "file_names"):
+            paths = record.get(field)
+            for path in [paths] if isinstance(paths, str) else paths or []:
+                if "://" not in path and not os.path.isfile(path):
+                    ident = record.get("image_id", record.get("video_id", i))
+                    raise FileNotFoundError(
+                        f"{', '.join(names)}: record {i} (id {ident}) lists {field} {path}, which does "
+                        "not exist; fix the dataset's paths or remove the record"
+                    )
+
+
+def load_train_dicts(names: List[str], **kwargs) -> list:
+    """Detectron2's ``get_detection_dataset_dicts(names, **kwargs)``, with its assertions on an
+    empty dataset and a loader's missing-field ``KeyError`` turned into one ``ValueError``
+    naming the dataset, its files and the record; every listed file must exist."""
+    try:
+        dicts = get_detection_dataset_dicts(names, **kwargs)
+    except KeyError as e:
+        raise _explain_key_error(list(names), e) from None
+    except AssertionError as e:
+        empty = re.search(r"Dataset '(.+)' is empty", str(e))
+        if empty:
+            name = empty.group(1)
+            raise _json_problem([name]) or ValueError(
+                f"dataset {name!r} has no images ({dataset_files(name)}); check that the json "
+                "lists its images and that the paths point at the right split"
+            ) from None
+        if "No valid data found" in str(e):
+            raise ValueError(
+                f"DATASETS.TRAIN {tuple(names)}: no image has a usable (non-crowd) annotation "
+                f"({'; '.join(dataset_files(n) for n in names)}); check the annotations, or set "
+                "DATALOADER.FILTER_EMPTY_ANNOTATIONS False to train on images without any"
+            ) from None
+        raise
+    check_files_exist(dicts, list(names))
+    return dicts
+
+
+def _non_finite_message(error: FloatingPointError, lr: float, base_lr: float) -> str:
+    """One line from Detectron2's "Loss became infinite or NaN" error: the iteration, the loss
+    terms that are not finite and the learning rate."""
+    text = str(error)
+    iteration = re.search(r"iteration=(\d+)", text)
+    terms = re.findall(r"'(\w+)': (?:tensor\()?(-?inf|nan)", text)
+    names = ", ".join(f"{k}={v}" for k, v in terms[:4]) or "the total"
+    if len(terms) > 4:
+        names += f" and {len(terms) - 4} more"
+    return (
+        f"the loss became infinite or NaN at iteration {iteration.group(1) if iteration else '?'} "
+        f"({names}) with learning rate {lr:g} (SOLVER.BASE_LR {base_lr:g}); lower SOLVER.BASE_LR, "
+        "lengthen SOLVER.WARMUP_ITERS or enable SOLVER.CLIP_GRADIENTS"
+    )
 
 
 def _create_ddp_model(model, **kwargs):
@@ -31,29 +140,35 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with the MaskFormer data mappers, optimizer, schedule and evaluators."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ wraps the model with the module-level ``create_ddp_model``
-        # and, with SOLVER.AMP.ENABLED, trains with the module-level ``AMPTrainer`` (CUDA only);
-        # both are swapped for the CPU-capable ones while it runs; everything else is
-        # Detectron2's.
-        from detectron2.engine import defaults
+        # The steps of DefaultTrainer.__init__, with three of its fixed choices replaced: the
+        # DDP wrapper also takes a CPU model, AMP also runs on the CPU (MaskFormerAMPTrainer),
+        # and checkpoints go through MaskFormerCheckpointer (atomic saves; a checkpoint that
+        # does not fit the model is an error naming the keys, not a half-loaded model).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = _create_ddp_model(model, broadcast_buffers=False)
+        loop = MaskFormerAMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = loop(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = MaskFormerCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
-        swaps = {"create_ddp_model": _create_ddp_model, "AMPTrainer": MaskFormerAMPTrainer}
-        originals = {name: getattr(defaults, name) for name in swaps}
-        for name, value in swaps.items():
-            setattr(defaults, name, value)
+    def train(self):
+        """Detectron2's training; a loss that became infinite or NaN is one ``ValueError``
+        naming the iteration, the loss terms and the learning rate."""
         try:
-            super().__init__(cfg)
-        finally:
-            for name, value in originals.items():
-                setattr(defaults, name, value)
-
-    def build_hooks(self):
-        # The hooks (periodic checkpoints, resume) use the strict checkpointer: a checkpoint
-        # that does not fit the model is an error naming the keys, not a half-loaded model.
-        self.checkpointer = MaskFormerCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        return super().build_hooks()
+            return super().train()
+        except FloatingPointError as e:
+            lr = max(group["lr"] for group in self._trainer.optimizer.param_groups)
+            raise ValueError(_non_finite_message(e, lr, self.cfg.SOLVER.BASE_LR)) from e
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -62,7 +177,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+        dicts = load_train_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True), dataset=dicts)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        # Detectron2's test loader, on records checked as the training set's are.
+        dicts = load_train_dicts([dataset_name], filter_empty=False)
+        return build_detection_test_loader(
+            dicts, mapper=DatasetMapper(cfg, False), num_workers=cfg.DATALOADER.NUM_WORKERS
+        )
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

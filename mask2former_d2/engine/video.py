@@ -5,11 +5,11 @@ checkpointing, AMP, hooks and the launch code are the image trainer's."""
 import logging
 import os
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 
 from ..data.mappers import YTVISDatasetMapper
 from ..evaluation import YTVISEvaluator
-from .trainer import Trainer
+from .trainer import Trainer, load_train_dicts
 
 __all__ = ["VideoTrainer"]
 
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 def _video_dicts(names):
     """Video records of ``names``. Detectron2's per-image filtering and class histogram do not
     apply to per-frame annotation lists, so they are skipped here."""
-    return get_detection_dataset_dicts(names, filter_empty=False, check_consistency=False)
+    return load_train_dicts(names, filter_empty=False, check_consistency=False)
 
 
 def _has_instances(record) -> bool:

@@ -196,10 +196,10 @@ def evaluate_ytvis(
 ) -> Dict[str, float]:
     """Metrics (:data:`METRIC_NAMES`, percent) of ``results`` against the ground-truth json ``gt``.
 
-    With ``verbose`` the COCO-style summary table is printed, else it is logged.
+    With ``verbose`` the COCO-style summary table is printed, else it is logged. No results
+    follow the same convention as any run: 0 where ground truth exists, NaN where an area range
+    has none.
     """
-    if not results:
-        return {name: 0.0 for name in METRIC_NAMES}
     evaluator = YTVISeval(gt, results)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -23,6 +23,7 @@ __all__ = [
     "load_sem_seg_checked",
     "load_panoptic_json",
     "load_coco_instances_checked",
+    "check_coco_json",
 ]
 
 README = "datasets/README.md"
@@ -76,6 +77,53 @@ def semantic_metadata(classes: Sequence[Tuple[int, str]]) -> Dict[str, Any]:
         "stuff_classes": [name for _, name in classes],
         "stuff_dataset_id_to_contiguous_id": {dataset_id: i for i, (dataset_id, _) in enumerate(classes)},
     }
+
+
+def _record(kind: str, index: int, record: Mapping[str, Any]) -> str:
+    """``images[3] (id 7)``: where a record is, for messages."""
+    ident = record.get("id", record.get("image_id")) if isinstance(record, Mapping) else None
+    return f"{kind}[{index}]" + (f" (id {ident})" if ident is not None else "")
+
+
+def check_coco_json(json_file: str, content: Any, *, panoptic: bool = False) -> None:
+    """Checks the structure of a COCO (or COCO panoptic) json before Detectron2 or pycocotools
+    index it, which would fail with a bare ``KeyError: 'category_id'`` or an empty dataset.
+
+    Args:
+        json_file: the file, for messages.
+        content: its parsed content.
+        panoptic: the COCO panoptic format (``segments_info`` per annotation).
+
+    Raises:
+        ValueError: one line naming the file, the record (list and index, with its id) and the
+            missing or wrong field.
+    """
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{json_file}: expected a JSON object with 'images', 'annotations' and 'categories'; "
+                         f"got a {type(content).__name__}")
+    # A panoptic json may leave 'images' out: the image is then named after the PNG.
+    for key in ("annotations",) if panoptic and "images" not in content else ("images", "annotations"):
+        if not isinstance(content.get(key), list):
+            what = "is missing" if key not in content else f"is a {type(content[key]).__name__}, not a list"
+            raise ValueError(f"{json_file}: the '{key}' list {what}; a COCO json lists its {key} there")
+    image_ids = set()
+    for i, image in enumerate(content.get("images", [])):
+        for field in ("id", "file_name"):
+            if not isinstance(image, Mapping) or field not in image:
+                raise ValueError(f"{json_file}: {_record('images', i, image)} has no '{field}'")
+        image_ids.add(image["id"])
+    for i, ann in enumerate(content["annotations"]):
+        where = f"{json_file}: {_record('annotations', i, ann)}"
+        needed = ("image_id", "file_name", "segments_info") if panoptic else ("image_id", "category_id")
+        for field in needed:
+            if not isinstance(ann, Mapping) or field not in ann:
+                raise ValueError(f"{where} has no '{field}'")
+        if not panoptic and ann["image_id"] not in image_ids:
+            raise ValueError(f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' has")
+        for j, segment in enumerate(ann.get("segments_info", []) if panoptic else []):
+            for field in ("id", "category_id"):
+                if not isinstance(segment, Mapping) or field not in segment:
+                    raise ValueError(f"{where}: segments_info[{j}] has no '{field}'")
 
 
 def register_lazy(name: str, loader: Callable[[], List[Dict[str, Any]]], **metadata: Any) -> bool:
@@ -176,6 +224,7 @@ def load_panoptic_json(
 
     with PathManager.open(json_file) as f:
         content = json.load(f)
+    check_coco_json(json_file, content, panoptic=True)
     images = {im["id"]: im for im in content.get("images", [])}
 
     records = []
@@ -264,4 +313,6 @@ def load_coco_instances_checked(
     """Detectron2's :func:`load_coco_json` after checking that the json and images exist."""
     require_path(json_file, "instance json", dataset, layout, is_dir=False)
     require_path(image_root, "image directory", dataset, layout, is_dir=True)
+    with PathManager.open(json_file) as f:
+        check_coco_json(json_file, json.load(f))
     return load_coco_json(json_file, image_root, dataset)
