@@ -5,6 +5,10 @@ from .ms_deform_attn import MSDeformAttn, ms_deform_attn
 from .pointwise_conv import is_channels_last, pointwise_conv
 
 __all__ = [
-    "ModulatedDeformConv",
     "MSDeformAttn",
-    "modulated_deform_conv", "is_channels_last", "ms_deform_attn", "pointwise_conv"]
+    "ModulatedDeformConv",
+    "is_channels_last",
+    "modulated_deform_conv",
+    "ms_deform_attn",
+    "pointwise_conv",
+]
