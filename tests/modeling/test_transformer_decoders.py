@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from mask2former_d2.layers.attention import MultiHeadAttention
 from mask2former_d2.modeling.transformer_decoder import build_transformer_decoder
-from mask2former_d2.modeling.transformer_decoder.layers import MultiHeadAttention
 from mask2former_d2.modeling.transformer_decoder.mask2former import (
     MultiScaleMaskedTransformerDecoder,
     _blocked_pixels,

@@ -17,21 +17,22 @@ from detectron2.config import CfgNode, configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ...layers.attention import (
+    CrossAttentionLayer,
+    FFNLayer,
+    SelfAttentionLayer,
+    flatten_hw,
+    input_projection,
+)
 from ...layers.pointwise_conv import is_channels_last
+from ...layers.position_encoding import PositionEmbeddingSine
 from ..precision import full_precision, low_precision_inference
 from .build import TRANSFORMER_DECODER_REGISTRY
-from .heads import QueryHeadsMixin, check_num_heads, input_projection
-from .layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
-from .position_encoding import PositionEmbeddingSine
+from .heads import QueryHeadsMixin, check_num_heads
 
 __all__ = ["MultiScaleMaskedTransformerDecoder"]
 
 logger = logging.getLogger(__name__)
-
-
-def _flatten(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> contiguous (B, H*W, C)."""
-    return x.flatten(2).transpose(1, 2).contiguous()
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
@@ -278,7 +279,7 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
     def _memory_position(self, feat: Tensor, frames: int) -> Tensor:
         """(1, S_l, C) position encoding of one clip's memory at a level, from its
         (B*T, C, H_l, W_l) features; it does not depend on the clip's content."""
-        return _flatten(self.pe_layer(feat[:1]))
+        return flatten_hw(self.pe_layer(feat[:1]))
 
     def _mask_logits(self, embed: Tensor, mask_features: Tensor) -> Tensor:
         """(B, Q, Hm, Wm) mask logits from (B, Q, E) embeddings and (B, E, Hm, Wm) features."""
