@@ -72,8 +72,10 @@ _PEM_MODEL = {
     "SOLVER.LR_SCHEDULER_NAME": "WarmupCosineLR", "SOLVER.WARMUP_ITERS": 0, "SOLVER.WEIGHT_DECAY": 0.05,
     "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 0.01, "SOLVER.AMP.ENABLED": True,
 }
-_STDC1 = {"MODEL.BACKBONE.NAME": "D2STDCnet", "MODEL.STDC.LAYERS": [2, 2, 2], "MODEL.WEIGHTS": "./pretrained_models/STDC1.pkl"}
-_STDC2 = {"MODEL.BACKBONE.NAME": "D2STDCnet", "MODEL.STDC.LAYERS": [4, 5, 3], "MODEL.WEIGHTS": "./pretrained_models/STDC2.pkl"}
+_STDC1 = {"MODEL.BACKBONE.NAME": "D2STDCnet", "MODEL.STDC.LAYERS": [2, 2, 2],
+          "MODEL.WEIGHTS": "./pretrained_models/STDC1.pkl"}
+_STDC2 = {"MODEL.BACKBONE.NAME": "D2STDCnet", "MODEL.STDC.LAYERS": [4, 5, 3],
+          "MODEL.WEIGHTS": "./pretrained_models/STDC2.pkl"}
 _R50 = {"MODEL.BACKBONE.NAME": "build_resnet_backbone", "MODEL.RESNETS.DEPTH": 50,
         "MODEL.WEIGHTS": "detectron2://ImageNetPretrained/torchvision/R-50.pkl"}
 PUBLISHED = {
