@@ -13,14 +13,20 @@ Two formulations, chosen once per module (``ModulatedDeformConv.export_formulati
 * :func:`modulated_deform_conv_grid_sample`, the same arithmetic from ``F.grid_sample`` and a
   matrix product, for ONNX exports (ONNX Runtime has no deformable-convolution kernel).
 """
-from typing import Optional, Tuple, Union
+import contextlib
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-__all__ = ["ModulatedDeformConv", "modulated_deform_conv", "modulated_deform_conv_grid_sample"]
+__all__ = [
+    "ModulatedDeformConv",
+    "grid_sample_deform_conv",
+    "modulated_deform_conv",
+    "modulated_deform_conv_grid_sample",
+]
 
 _IntPair = Union[int, Tuple[int, int]]
 
@@ -218,3 +224,19 @@ class ModulatedDeformConv(nn.Module):
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
             f"groups={self.groups}, deformable_groups={self.deformable_groups}, bias={self.with_bias}"
         )
+
+
+@contextlib.contextmanager
+def grid_sample_deform_conv(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every :class:`ModulatedDeformConv` of ``model`` computes with
+    :func:`modulated_deform_conv_grid_sample` (what exporters trace); their formulation is
+    restored on exit."""
+    convs = [m for m in model.modules() if isinstance(m, ModulatedDeformConv)]
+    previous = [m.export_formulation for m in convs]
+    for m in convs:
+        m.export_formulation = True
+    try:
+        yield model
+    finally:
+        for m, flag in zip(convs, previous):
+            m.export_formulation = flag
