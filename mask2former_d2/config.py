@@ -105,6 +105,19 @@ def add_maskformer2_config(cfg: CN) -> None:
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
 
+    # ------------------------------------------------------- STDC backbone (PEM's D2STDCnet)
+    stdc = cfg.MODEL.STDC = CN()
+    # Blocks per stage: [2, 2, 2] is STDC1, [4, 5, 3] STDC2.
+    stdc.LAYERS = [2, 2, 2]
+    # ConvX units per block, and how a block merges them: "cat" or "add" (PEM's spelling).
+    stdc.BLOCK_NUM = 4
+    stdc.BLOCK_TIPE = "cat"
+    # A 1x1 ConvX after the last stage.
+    stdc.USE_CONV_LAST = False
+    # Accepted for PEM's YAML files; as in PEM, the backbone always uses plain BatchNorm.
+    stdc.NORM = "SyncBN"
+    stdc.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
     # ------------------------------------------------------- Swin backbone
     swin = cfg.MODEL.SWIN = CN()
     swin.PRETRAIN_IMG_SIZE = 224

@@ -15,6 +15,10 @@ runs the same code as a real job.
 
     python tools/quickstart.py --output output/quickstart [--iters 600]
     python tools/quickstart.py --video --output output/quickstart_video [--iters 500]
+    python tools/quickstart.py --config pem_STDC1_tiny_coco_panoptic.yaml --output output/quickstart_pem
+
+``--config`` picks another model for the same run (a file of ``configs/quickstart/`` or a path),
+e.g. the tiny PEM.
 """
 import argparse
 import json
@@ -33,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "quickstart")
 
 
-def image_cfg(output: str, iters: int, extra=()):
+def image_cfg(output: str, iters: int, extra=(), config: str = "maskformer2_R18_tiny_coco_panoptic.yaml"):
     from mask2former_d2.data.toy import make_toy_panoptic_dataset, register_toy_panoptic
 
     make_toy_panoptic_dataset(os.path.join(output, "toy_dataset"))
@@ -50,16 +54,16 @@ def image_cfg(output: str, iters: int, extra=()):
         "INPUT.MAX_SIZE_TEST", 256,
         "TEST.DETECTIONS_PER_IMAGE", 20,
     ]
-    return _cfg("maskformer2_R18_tiny_coco_panoptic.yaml", output, iters, opts + list(extra))
+    return _cfg(config, output, iters, opts + list(extra))
 
 
-def video_cfg(output: str, iters: int, extra=()):
+def video_cfg(output: str, iters: int, extra=(), config: str = "video_maskformer2_R18_tiny_toy_ytvis.yaml"):
     from mask2former_d2.data.toy_video import make_toy_ytvis_dataset, register_toy_ytvis
 
     make_toy_ytvis_dataset(os.path.join(output, "toy_ytvis"))
     train, val = register_toy_ytvis(os.path.join(output, "toy_ytvis"), prefix="quickstart_toy_ytvis")
     opts = ["DATASETS.TRAIN", (train,), "DATASETS.TEST", (val,), "SOLVER.STEPS", (int(iters * 0.8),)]
-    return _cfg("video_maskformer2_R18_tiny_toy_ytvis.yaml", output, iters, opts + list(extra))
+    return _cfg(config, output, iters, opts + list(extra))
 
 
 def _cfg(name: str, output: str, iters: int, opts):
@@ -68,7 +72,10 @@ def _cfg(name: str, output: str, iters: int, opts):
         "SOLVER.CHECKPOINT_PERIOD", max(iters // 2, 1),
         "OUTPUT_DIR", os.path.join(output, "train"),
     ]
-    cfg = get_maskformer_cfg(os.path.join(CONFIGS, name), common + list(opts))
+    path = name if os.path.isfile(name) else os.path.join(CONFIGS, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {name}: no such file here or in {CONFIGS}")
+    cfg = get_maskformer_cfg(path, common + list(opts))
     cfg.freeze()
     return cfg
 
@@ -122,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=None, help="default: output/quickstart (output/quickstart_video)")
     ap.add_argument("--iters", type=int, default=None,
                     help="training iterations (batch of 4 images / clips); default 600 (video: 500)")
+    ap.add_argument("--config", default=None,
+                    help="model config: a file of configs/quickstart/ (e.g. pem_STDC1_tiny_coco_panoptic.yaml) "
+                         "or a path; default: the tiny Mask2Former (video: Mask2Former-VIS)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config overrides")
     args = ap.parse_args(argv)
@@ -136,7 +146,8 @@ def main(argv=None) -> int:
     from mask2former_d2.engine import Trainer, VideoTrainer
 
     t0 = time.perf_counter()
-    cfg = (video_cfg if args.video else image_cfg)(output, iters, args.opts)
+    config = {"config": args.config} if args.config else {}
+    cfg = (video_cfg if args.video else image_cfg)(output, iters, args.opts, **config)
     t_data = time.perf_counter()
 
     trainer = (VideoTrainer if args.video else Trainer)(cfg)

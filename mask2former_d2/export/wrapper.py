@@ -14,6 +14,7 @@ from typing import Iterator, Tuple
 
 from torch import Tensor, nn
 
+from ..layers.deform_conv import grid_sample_deform_conv
 from ..modeling.meta_arch import MaskFormer
 from .ms_deform_attn import grid_sample_ms_deform_attn
 
@@ -34,14 +35,19 @@ EXPORT_DIVISIBILITY = 32
 
 # Module classes, by name, that have been made traceable with symbolic sizes.
 _SUPPORTED = {
-    "backbone": ("ResNet", "D2SwinTransformer"),
+    "backbone": ("ResNet", "D2SwinTransformer", "D2STDCnet"),
     "sem_seg_head": ("MaskFormerHead",),
     "sem_seg_head.pixel_decoder": (
         "BasePixelDecoder",
         "TransformerEncoderPixelDecoder",
         "MSDeformAttnPixelDecoder",
+        "PEM_Pixel_Decoder",
     ),
-    "sem_seg_head.predictor": ("MultiScaleMaskedTransformerDecoder", "StandardTransformerDecoder"),
+    "sem_seg_head.predictor": (
+        "MultiScaleMaskedTransformerDecoder",
+        "StandardTransformerDecoder",
+        "PEMTransformerDecoder",
+    ),
 }
 
 
@@ -95,12 +101,13 @@ class ExportableMaskFormer(nn.Module):
 @contextlib.contextmanager
 def export_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The formulations used while exporting ``model``: eval mode, and the deformable
-    attention computed with ``grid_sample`` (:mod:`mask2former_d2.export.ms_deform_attn`).
-    The model is restored on exit."""
+    attention and deformable convolutions computed with ``grid_sample``
+    (:mod:`mask2former_d2.export.ms_deform_attn`, :func:`.grid_sample_deform_conv`: ONNX
+    Runtime has no deformable operators). The model is restored on exit."""
     was_training = model.training
     model.eval()  # an ExportableMaskFormer shares its modules: this puts it in eval mode too
     try:
-        with grid_sample_ms_deform_attn(model):
+        with grid_sample_ms_deform_attn(model), grid_sample_deform_conv(model):
             yield model
     finally:
         model.train(was_training)

@@ -8,12 +8,12 @@ import torch
 from detectron2.layers import ShapeSpec
 from torch.nn import functional as F
 
+from mask2former_d2.layers.detr_transformer import TransformerEncoderOnly
 from mask2former_d2.modeling.pixel_decoder.build import build_pixel_decoder
 from mask2former_d2.modeling.pixel_decoder.fpn import (
     BasePixelDecoder,
     TransformerEncoderPixelDecoder,
 )
-from mask2former_d2.modeling.transformer_decoder.transformer import TransformerEncoderOnly
 from tests.common import naive_sine_pos, new_cfg, reference_mha
 
 _THREADS = torch.get_num_threads()

@@ -13,11 +13,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from mask2former_d2.layers.attention import MultiHeadAttention
 from mask2former_d2.modeling.transformer_decoder import build_transformer_decoder
-from mask2former_d2.modeling.transformer_decoder.layers import MultiHeadAttention
 from mask2former_d2.modeling.transformer_decoder.mask2former import (
     MultiScaleMaskedTransformerDecoder,
-    _attention_mask,
+    _blocked_pixels,
 )
 from mask2former_d2.modeling.transformer_decoder.maskformer import StandardTransformerDecoder
 from tests.common import naive_sine_pos, new_cfg, reference_mha
@@ -358,7 +358,7 @@ class TestMultiScaleMaskedTransformerDecoder(unittest.TestCase):
 
     def test_attention_mask_rule(self):
         logits = torch.tensor([[[[-1.0, 2.0], [0.5, -3.0]], [[-1.0, -2.0], [-0.5, -3.0]]]])
-        mask = _attention_mask(logits)  # (1, 2, 4)
+        mask = _blocked_pixels(logits)  # (1, 2, 4)
         expected = torch.tensor([[[True, False, False, True], [False, False, False, False]]])
         self.assertTrue(torch.equal(mask, expected))
 

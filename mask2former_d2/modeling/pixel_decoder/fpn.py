@@ -12,9 +12,9 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..transformer_decoder.heads import input_projection
-from ..transformer_decoder.position_encoding import PositionEmbeddingSine
-from ..transformer_decoder.transformer import TransformerEncoderOnly
+from ...layers.attention import input_projection
+from ...layers.detr_transformer import TransformerEncoderOnly
+from ...layers.position_encoding import PositionEmbeddingSine
 from .build import PIXEL_DECODER_REGISTRY
 
 __all__ = ["BasePixelDecoder", "TransformerEncoderPixelDecoder"]

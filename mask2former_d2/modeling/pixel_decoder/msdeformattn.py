@@ -24,11 +24,11 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import Tensor, nn
 
+from ...layers.attention import FeedForwardMixin, make_dropout
 from ...layers.ms_deform_attn import MSDeformAttn, ValueTable
 from ...layers.pointwise_conv import is_channels_last, pointwise_conv
+from ...layers.position_encoding import PositionEmbeddingSine
 from ..precision import full_precision, low_precision_inference
-from ..transformer_decoder.layers import FeedForwardMixin, make_dropout
-from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from .build import PIXEL_DECODER_REGISTRY
 
 __all__ = [

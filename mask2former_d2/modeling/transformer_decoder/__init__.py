@@ -1,4 +1,4 @@
-from . import mask2former, maskformer  # noqa: F401  (registration)
+from . import mask2former, maskformer, pem  # noqa: F401  (registration)
 from .build import TRANSFORMER_DECODER_REGISTRY, build_transformer_decoder
 
 __all__ = ["TRANSFORMER_DECODER_REGISTRY", "build_transformer_decoder"]

@@ -14,11 +14,28 @@ predictions. A registered class is built as
 """
 
 
+# (pixel decoder, transformer decoder) named together in a config -> the decoder built. PEM's
+# published code registers its own decoder under Mask2Former's name, so PEM's YAML files name
+# "MultiScaleMaskedTransformerDecoder"; they are recognised by PEM's pixel decoder.
+DECODER_FOR_PIXEL_DECODER = {
+    ("PEM_Pixel_Decoder", "MultiScaleMaskedTransformerDecoder"): "PEMTransformerDecoder",
+}
+
+
+def transformer_decoder_name(cfg: CfgNode) -> str:
+    """The registered name of the transformer decoder ``cfg`` builds:
+    ``MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``, unless ``DECODER_FOR_PIXEL_DECODER`` maps
+    it together with ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME`` to another decoder."""
+    name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
+    return DECODER_FOR_PIXEL_DECODER.get((cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME, name), name)
+
+
 def build_transformer_decoder(
     cfg: CfgNode, in_channels: int, mask_classification: bool = True
 ) -> nn.Module:
-    """Builds the transformer decoder named by ``MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``."""
-    name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
+    """Builds the transformer decoder named by ``MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``
+    (see :func:`transformer_decoder_name`)."""
+    name = transformer_decoder_name(cfg)
     if name not in TRANSFORMER_DECODER_REGISTRY:
         known = sorted(k for k, _ in TRANSFORMER_DECODER_REGISTRY)
         raise KeyError(

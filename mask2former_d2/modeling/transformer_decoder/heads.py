@@ -4,16 +4,14 @@ Shapes: B batch, Q queries, K classes (+1 = no-object), C channels (``hidden_dim
 E mask-embedding channels (``mask_dim``).
 """
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-import fvcore.nn.weight_init as weight_init
 from detectron2.config import CfgNode
-from detectron2.layers import Conv2d
 from torch import Tensor, nn
 
-from .layers import MLP, aux_predictions
+from ...layers.attention import MLP
 
-__all__ = ["QueryHeadsMixin", "check_num_heads", "decoder_config", "input_projection"]
+__all__ = ["QueryHeadsMixin", "aux_predictions", "check_num_heads", "decoder_config"]
 
 
 def check_num_heads(hidden_dim: int, num_heads: int) -> None:
@@ -51,17 +49,6 @@ def decoder_config(cfg: CfgNode, in_channels: int, mask_classification: bool) ->
         "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
         "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
     }
-
-
-def input_projection(in_channels: int, hidden_dim: int, enforce: bool) -> nn.Module:
-    """A Xavier-initialised 1x1 conv from ``in_channels`` to ``hidden_dim``, or an identity
-    (an empty ``nn.Sequential``, as in the published checkpoints) when the widths match and
-    ``enforce`` is False."""
-    if in_channels == hidden_dim and not enforce:
-        return nn.Sequential()
-    proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
-    weight_init.c2_xavier_fill(proj)
-    return proj
 
 
 class QueryHeadsMixin:
@@ -112,3 +99,15 @@ class QueryHeadsMixin:
         if with_aux:
             out["aux_outputs"] = aux_predictions(logits, masks)
         return out
+
+
+def aux_predictions(
+    logits: Optional[Sequence[Tensor]], masks: Sequence[Tensor]
+) -> List[Dict[str, Tensor]]:
+    """Packs all but the last of a sequence of per-layer predictions into the
+    ``aux_outputs`` list of dicts (``pred_logits`` only when ``logits`` is given)."""
+    if logits is None:
+        return [{"pred_masks": m} for m in masks[:-1]]
+    if len(logits) != len(masks):
+        raise ValueError(f"got {len(logits)} class predictions but {len(masks)} mask predictions")
+    return [{"pred_logits": c, "pred_masks": m} for c, m in zip(logits[:-1], masks[:-1])]

@@ -17,21 +17,22 @@ from detectron2.config import CfgNode, configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ...layers.attention import (
+    CrossAttentionLayer,
+    FFNLayer,
+    SelfAttentionLayer,
+    flatten_hw,
+    input_projection,
+)
 from ...layers.pointwise_conv import is_channels_last
+from ...layers.position_encoding import PositionEmbeddingSine
 from ..precision import full_precision, low_precision_inference
 from .build import TRANSFORMER_DECODER_REGISTRY
-from .heads import QueryHeadsMixin, check_num_heads, input_projection
-from .layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
-from .position_encoding import PositionEmbeddingSine
+from .heads import QueryHeadsMixin, check_num_heads
 
 __all__ = ["MultiScaleMaskedTransformerDecoder"]
 
 logger = logging.getLogger(__name__)
-
-
-def _flatten(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> contiguous (B, H*W, C)."""
-    return x.flatten(2).transpose(1, 2).contiguous()
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
@@ -98,8 +99,7 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
             for _ in range(num_layers)
         )
         self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden_dim, num_heads, normalize_before=pre_norm)
-            for _ in range(num_layers)
+            self._make_cross_attention(hidden_dim, num_heads, pre_norm) for _ in range(num_layers)
         )
         self.transformer_ffn_layers = nn.ModuleList(
             FFNLayer(hidden_dim, dim_feedforward, normalize_before=pre_norm)
@@ -183,13 +183,9 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
         memories, keys = [], []
         for lvl, feat in enumerate(x):
             sizes.append((feat.shape[-2], feat.shape[-1]))
-            pos = self._memory_position(feat, frames)  # (1, S_l, C)
-            memory = self.input_proj[lvl](feat).flatten(2)  # (B*T, C, h*w)
-            memory = memory + self.level_embed.weight[lvl][:, None]
-            # One sequence per clip, frame-major: (B, T*h*w, C) = (B, S_l, C).
-            memory = memory.unflatten(0, (batch, frames)).transpose(2, 3).reshape(batch, -1, memory.shape[1])
+            memory, key = self._prepare_memory(lvl, feat, batch, frames)
             memories.append(memory)
-            keys.append(memory + pos)  # keys carry the position encoding, values do not
+            keys.append(key)
         # The input maps are not needed any more: a caller that kept no reference to them (long
         # video clips) gets their memory back during decoding.
         del x, feat
@@ -243,7 +239,7 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
                     if lvl not in level_mask_features:
                         level_mask_features[lvl] = _resize_per_channel(mask_features, sizes[lvl])
                     low = self._mask_logits(embed, level_mask_features[lvl])
-                attn_mask = _attention_mask(low)
+                attn_mask = self._attention_mask(low)
 
         if not final_masks:
             out = {"pred_mask_embed": embed, "aux_outputs": []}
@@ -251,6 +247,28 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
                 out["pred_logits"] = logits[-1]
             return out
         return self._pack_predictions(logits if self.mask_classification else None, masks)
+
+    # Hooks for decoders that attend differently (e.g. PEM): each replaces one step of the
+    # layer, while the call ``layer(output, memory, key, query_pos, attn_mask)`` stays the same.
+    def _make_cross_attention(self, hidden_dim: int, num_heads: int, pre_norm: bool) -> nn.Module:
+        """One layer's masked cross-attention (called ``num_layers`` times by ``__init__``)."""
+        return CrossAttentionLayer(hidden_dim, num_heads, normalize_before=pre_norm)
+
+    def _prepare_memory(self, lvl: int, feat: Tensor, batch: int, frames: int) -> Tuple[Tensor, Tensor]:
+        """``(memory, key)`` of level ``lvl`` from its (B*T, C_in, H_l, W_l) input map, in the
+        layout the cross-attention layer takes: here values (B, S_l, C) with S_l = T*H_l*W_l
+        (frame-major) and keys = values + position encoding (values carry no position)."""
+        pos = self._memory_position(feat, frames)  # (1, S_l, C)
+        memory = self.input_proj[lvl](feat).flatten(2)  # (B*T, C, H_l*W_l)
+        memory = memory + self.level_embed.weight[lvl][:, None]
+        # One sequence per clip, frame-major: (B, T, C, H_l*W_l) -> (B, T*H_l*W_l, C).
+        memory = memory.unflatten(0, (batch, frames)).transpose(2, 3).reshape(batch, -1, memory.shape[1])
+        return memory, memory + pos
+
+    def _attention_mask(self, mask_logits: Tensor) -> Optional[Tensor]:
+        """The cross-attention's ``attn_mask`` from mask logits (B, Q, [T,] H_l, W_l) at the size
+        of the level the next layer reads (see :func:`_blocked_pixels`)."""
+        return _blocked_pixels(mask_logits)
 
     # Hooks for subclasses whose batch items are clips of T frames (see the video decoder); an
     # image is a clip of one frame without a time axis.
@@ -261,14 +279,14 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
     def _memory_position(self, feat: Tensor, frames: int) -> Tensor:
         """(1, S_l, C) position encoding of one clip's memory at a level, from its
         (B*T, C, H_l, W_l) features; it does not depend on the clip's content."""
-        return _flatten(self.pe_layer(feat[:1]))
+        return flatten_hw(self.pe_layer(feat[:1]))
 
     def _mask_logits(self, embed: Tensor, mask_features: Tensor) -> Tensor:
         """(B, Q, Hm, Wm) mask logits from (B, Q, E) embeddings and (B, E, Hm, Wm) features."""
         return torch.einsum("bqe,behw->bqhw", embed, mask_features)
 
 
-def _attention_mask(mask_logits: Tensor) -> Tensor:
+def _blocked_pixels(mask_logits: Tensor) -> Tensor:
     """Masked-attention mask from mask logits (B, Q, h, w) (or (B, Q, T, h, w)): bool
     (B, Q, h*w) (or (B, Q, T*h*w), frame-major), True where the predicted probability is
     below 0.5, except for queries that would be fully blocked, which attend everywhere."""

@@ -12,10 +12,11 @@ from detectron2.config import CfgNode, configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ...layers.attention import input_projection
+from ...layers.detr_transformer import Transformer
+from ...layers.position_encoding import PositionEmbeddingSine
 from .build import TRANSFORMER_DECODER_REGISTRY
-from .heads import QueryHeadsMixin, check_num_heads, input_projection
-from .position_encoding import PositionEmbeddingSine
-from .transformer import Transformer
+from .heads import QueryHeadsMixin, check_num_heads
 
 __all__ = ["StandardTransformerDecoder"]
 

@@ -10,9 +10,9 @@ import torch
 from detectron2.config import CfgNode, configurable
 from torch import Tensor
 
+from ...layers.position_encoding import PositionEmbeddingSine3D
 from ..transformer_decoder.build import TRANSFORMER_DECODER_REGISTRY
 from ..transformer_decoder.mask2former import MultiScaleMaskedTransformerDecoder
-from ..transformer_decoder.position_encoding import PositionEmbeddingSine3D
 
 __all__ = ["VideoMultiScaleMaskedTransformerDecoder"]
 

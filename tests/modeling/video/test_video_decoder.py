@@ -4,11 +4,11 @@ import unittest
 
 import torch
 
-from mask2former_d2.modeling.transformer_decoder.build import build_transformer_decoder
-from mask2former_d2.modeling.transformer_decoder.position_encoding import (
+from mask2former_d2.layers.position_encoding import (
     PositionEmbeddingSine,
     PositionEmbeddingSine3D,
 )
+from mask2former_d2.modeling.transformer_decoder.build import build_transformer_decoder
 from tests.modeling.video.common import video_cfg
 
 

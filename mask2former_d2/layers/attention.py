@@ -1,7 +1,8 @@
-"""Attention, feed-forward and MLP blocks shared by the transformer decoders.
+"""Attention, feed-forward, MLP and projection blocks shared by the pixel decoders, the
+transformer decoders and export.
 
 Shapes: B batch, Q target (query) length, S source (memory) length, C channels
-(``hidden_dim``), M heads, D = C / M channels per head, F feed-forward width.
+(``hidden_dim``), M heads, D = C / M channels per head, H/W spatial.
 Every tensor here is batch-first: sequences are (B, Q, C) and (B, S, C).
 
 Masks are boolean with ``True`` meaning *blocked* (the convention of
@@ -9,9 +10,11 @@ Masks are boolean with ``True`` meaning *blocked* (the convention of
 (B, M, Q, S); ``key_padding_mask`` is (B, S).
 """
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Optional
 
+import fvcore.nn.weight_init as weight_init
 import torch
+from detectron2.layers import Conv2d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -22,8 +25,9 @@ __all__ = [
     "FFNLayer",
     "FeedForwardMixin",
     "MLP",
-    "aux_predictions",
+    "flatten_hw",
     "get_activation_fn",
+    "input_projection",
     "make_dropout",
     "residual_block",
     "xavier_init_matrices",
@@ -47,6 +51,22 @@ def xavier_init_matrices(module: nn.Module) -> None:
     for param in module.parameters():
         if param.dim() > 1:
             nn.init.xavier_uniform_(param)
+
+
+def flatten_hw(x: Tensor) -> Tensor:
+    """A feature map as a sequence: (B, C, H, W) -> (B, H*W, C), row-major over (H, W)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def input_projection(in_channels: int, hidden_dim: int, enforce: bool) -> nn.Module:
+    """A Xavier-initialised 1x1 conv from ``in_channels`` to ``hidden_dim``, or an identity
+    (an empty ``nn.Sequential``, as in the published checkpoints) when the widths match and
+    ``enforce`` is False."""
+    if in_channels == hidden_dim and not enforce:
+        return nn.Sequential()
+    proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
+    weight_init.c2_xavier_fill(proj)
+    return proj
 
 
 def make_dropout(p: float) -> nn.Module:
@@ -348,15 +368,3 @@ class MLP(nn.Module):
             if i < last:
                 x = F.relu(x)
         return x
-
-
-def aux_predictions(
-    logits: Optional[Sequence[Tensor]], masks: Sequence[Tensor]
-) -> List[Dict[str, Tensor]]:
-    """Packs all but the last of a sequence of per-layer predictions into the
-    ``aux_outputs`` list of dicts (``pred_logits`` only when ``logits`` is given)."""
-    if logits is None:
-        return [{"pred_masks": m} for m in masks[:-1]]
-    if len(logits) != len(masks):
-        raise ValueError(f"got {len(logits)} class predictions but {len(masks)} mask predictions")
-    return [{"pred_logits": c, "pred_masks": m} for c, m in zip(logits[:-1], masks[:-1])]

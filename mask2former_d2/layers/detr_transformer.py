@@ -13,9 +13,10 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .layers import (
+from .attention import (
     FeedForwardMixin,
     MultiHeadAttention,
+    flatten_hw,
     make_dropout,
     residual_block,
     xavier_init_matrices,
@@ -205,10 +206,6 @@ class TransformerDecoder(nn.Module):
         return torch.stack(outputs)
 
 
-def _flatten(x: Tensor) -> Tensor:
-    return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, S, C)
-
-
 class TransformerEncoderOnly(nn.Module):
     """DETR's transformer encoder applied to a feature map (no decoder).
 
@@ -244,9 +241,9 @@ class TransformerEncoderOnly(nn.Module):
         self, src: Tensor, mask: Optional[Tensor], pos_embed: Tensor
     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """Flattens and encodes: returns memory (B, S, C), pos (B or 1, S, C), padding (B, S)."""
-        pos = _flatten(pos_embed)
+        pos = flatten_hw(pos_embed)
         padding = None if mask is None else mask.flatten(1)
-        return self.encoder(_flatten(src), pos=pos, key_padding_mask=padding), pos, padding
+        return self.encoder(flatten_hw(src), pos=pos, key_padding_mask=padding), pos, padding
 
     def forward(self, src: Tensor, mask: Optional[Tensor], pos_embed: Tensor) -> Tensor:
         """src: (B, C, H, W); mask: optional bool (B, H, W), True = padding; pos_embed:
