@@ -79,6 +79,12 @@ def add_maskformer2_config(cfg: CN) -> None:
     # them (see mask2former_d2/modeling/precision.py).
     mf.TEST.PRECISION = "fp32"
 
+    # Build the model with the fast formulations of mask2former_d2/accel/ (banded post-processing,
+    # embedding_bag deformable-attention sampling, folded frozen BN, channels-last ResNet input,
+    # 1x1 convs as matrix products, chunked encoder layers). Same outputs up to float rounding;
+    # False builds the plain reference formulations (which torch.export/ONNX export needs).
+    mf.FAST_PATHS = True
+
     # Inputs are padded to a multiple of this (-1: use the backbone's size_divisibility).
     mf.SIZE_DIVISIBILITY = 32
 

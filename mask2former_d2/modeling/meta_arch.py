@@ -15,8 +15,9 @@ from detectron2.structures import BitMasks, ImageList, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import Tensor, nn
 
-from .backbone.fold_bn import fold_frozen_batchnorm
-from .postprocessing import MaskLogitRows, postprocess_masks, semantic_labels
+from ..accel import postprocessing as banded
+from ..accel.fold_bn import fold_frozen_batchnorm
+from .postprocessing import instance_inference, panoptic_inference, semantic_inference, upsample_masks
 from .precision import check_precision, full_precision, inference_precision, precision_dtype
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class MaskFormer(nn.Module):
         instance_on: bool = False,
         test_topk_per_image: int = 100,
         precision: str = "fp32",
+        fast_paths: bool = True,
     ) -> None:
         """
         Args:
@@ -104,6 +106,9 @@ class MaskFormer(nn.Module):
             test_topk_per_image: instance detections kept per image.
             precision: inference arithmetic, "fp32", "bf16" or "fp16" (see
                 :mod:`mask2former_d2.modeling.precision`); the device must support it.
+            fast_paths: use the fast formulations of :mod:`mask2former_d2.accel` (folded frozen
+                batch norms, a channels-last ResNet input, banded post-processing) instead of the
+                reference ones; same outputs up to float rounding.
         """
         super().__init__()
         if not (semantic_on or panoptic_on or instance_on):
@@ -116,9 +121,14 @@ class MaskFormer(nn.Module):
                 f"MODEL.PIXEL_MEAN has {len(pixel_mean)} values but MODEL.PIXEL_STD has {len(pixel_std)}"
             )
         self.backbone = backbone
-        # Frozen batch norms run folded into their convolutions at inference (same numbers up
-        # to rounding, one pass less over every activation); checkpoints are unaffected.
-        fold_frozen_batchnorm(backbone)
+        self.fast_paths = fast_paths
+        if fast_paths:
+            # Frozen batch norms run folded into their convolutions at inference; checkpoints
+            # are unaffected.
+            fold_frozen_batchnorm(backbone)
+        # Channels-last is oneDNN's native layout: a ResNet's convolutions skip the layout
+        # conversions, and its features stay channels-last.
+        self.channels_last_input = fast_paths and isinstance(backbone, ResNet)
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
         self.num_queries = num_queries
@@ -186,6 +196,7 @@ class MaskFormer(nn.Module):
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             # Checked against the device here, so that an unavailable precision fails at build.
             "precision": _checked_precision(test.PRECISION, cfg.MODEL.DEVICE),
+            "fast_paths": cfg.MODEL.MASK_FORMER.FAST_PATHS,
         }
 
     @property
@@ -273,11 +284,9 @@ class MaskFormer(nn.Module):
         return _float_outputs(outputs)
 
     def _backbone_input(self, x: Tensor) -> Tensor:
-        """The padded batch in the memory layout the backbone runs fastest in: channels-last
-        for a ResNet at inference on the CPU (oneDNN's native layout: ~30% less backbone time,
-        same values up to rounding; its features then stay channels-last), unchanged
-        otherwise."""
-        if not self.training and x.device.type == "cpu" and isinstance(self.backbone, ResNet):
+        """The padded batch in the memory layout chosen at build (``channels_last_input``, at
+        inference); same values up to rounding."""
+        if self.channels_last_input and not self.training:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -291,14 +300,14 @@ class MaskFormer(nn.Module):
     ) -> Dict[str, Any]:
         """Outputs of one image from its (Q, K+1) class logits and (Q, h, w) low-resolution mask
         logits, as the published model: masks upsampled to the padded batch, cropped to the image
-        and resized to the requested ``height``/``width`` (PARITY_NOTES 2), here a band of rows
-        at a time (see :class:`MaskLogitRows`)."""
+        and resized to the requested ``height``/``width``, then semantic / panoptic / instance
+        inference (:mod:`.postprocessing`; with ``fast_paths``, a band of rows at a time by
+        :mod:`mask2former_d2.accel.postprocessing`)."""
         height = inputs.get("height", image_size[0])
         width = inputs.get("width", image_size[1])
         num_classes = self.sem_seg_head.num_classes
         resize_first = self.sem_seg_postprocess_before_inference
         out_size = (height, width) if resize_first else tuple(image_size)
-        masks = MaskLogitRows(mask_pred, padded_size, image_size, out_size)
         panoptic = instance = None
         if self.panoptic_on:
             panoptic = dict(
@@ -314,19 +323,27 @@ class MaskFormer(nn.Module):
                 thing_ids=self.thing_ids,
                 things_only=self.panoptic_on,
             )
-        labels = self.semantic_labels and resize_first
-        result = retry_if_cuda_oom(postprocess_masks)(
-            mask_cls, masks, semantic=self.semantic_on, panoptic=panoptic, instance=instance,
-            semantic_labels=labels,
-        )
+        if self.fast_paths:
+            masks = banded.MaskLogitRows(mask_pred, padded_size, image_size, out_size)
+            result = retry_if_cuda_oom(banded.postprocess_masks)(
+                mask_cls, masks, semantic=self.semantic_on, panoptic=panoptic, instance=instance,
+                semantic_labels=self.semantic_labels and resize_first,
+            )
+        else:
+            result = retry_if_cuda_oom(_reference_outputs)(
+                mask_cls, upsample_masks(mask_pred, padded_size, image_size, out_size),
+                self.semantic_on, panoptic, instance,
+            )
         if self.semantic_on and not resize_first:
             # (K, h, w) at the image's size -> the requested size.
-            if self.semantic_labels:
-                result["sem_seg"] = retry_if_cuda_oom(semantic_labels)(result["sem_seg"], (height, width))
+            if self.semantic_labels and self.fast_paths:
+                result["sem_seg"] = retry_if_cuda_oom(banded.semantic_labels)(result["sem_seg"], (height, width))
             else:
                 result["sem_seg"] = retry_if_cuda_oom(_resize_output)(
                     result["sem_seg"], image_size, height, width
                 )
+        if self.semantic_on and self.semantic_labels and result["sem_seg"].dim() == 3:
+            result["sem_seg"] = result["sem_seg"].argmax(0)
         return {k: result[k] for k in ("sem_seg", "panoptic_seg", "instances") if k in result}
 
     def prepare_targets(self, targets: List[Instances], images: ImageList) -> List[Dict[str, Tensor]]:
@@ -346,3 +363,17 @@ class MaskFormer(nn.Module):
             padded[:, : masks.shape[1], : masks.shape[2]] = masks
             out.append({"labels": inst.gt_classes, "masks": padded})
         return out
+
+
+def _reference_outputs(
+    mask_cls: Tensor, masks: Tensor, semantic: bool, panoptic: Optional[Dict], instance: Optional[Dict]
+) -> Dict[str, Any]:
+    """The requested outputs of one image from its (Q, H, W) full-resolution mask logits."""
+    result: Dict[str, Any] = {}
+    if semantic:
+        result["sem_seg"] = semantic_inference(mask_cls, masks)
+    if panoptic is not None:
+        result["panoptic_seg"] = panoptic_inference(mask_cls, masks, **panoptic)
+    if instance is not None:
+        result["instances"] = instance_inference(mask_cls, masks, **instance)
+    return result

@@ -14,9 +14,10 @@ from detectron2.structures import BitMasks, ImageList, Instances
 from torch import Tensor
 from torch.nn import functional as F
 
+from ...accel.postprocessing import MaskLogitRows
 from ...layers.pointwise_conv import is_channels_last
 from ..meta_arch import MaskFormer
-from ..postprocessing import MaskLogitRows
+from ..postprocessing import upsample_masks
 from .windows import WindowTracks
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class VideoMaskFormer(MaskFormer):
         top_scores, top_idx = scores.flatten().topk(k)
         labels = top_idx % num_classes
         queries = top_idx // num_classes
-        masks = _video_masks(frame_logits, queries, num_frames, padded_size, image_size, out_size)
+        masks = _video_masks(frame_logits, queries, num_frames, padded_size, image_size, out_size, self.fast_paths)
         return {
             "image_size": out_size,
             "pred_scores": top_scores.tolist(),
@@ -319,12 +320,17 @@ def _video_masks(
     padded_size: Tuple[int, int],
     image_size: Tuple[int, int],
     out_size: Tuple[int, int],
+    fast_paths: bool,
 ) -> Tensor:
-    """(P, T, H, W) bool masks of the P ``queries``: logit > 0 after the published resize chain;
-    only one frame's full-resolution logits exist at a time."""
+    """(P, T, H, W) bool masks of the P ``queries``: logit > 0 after the published resize chain
+    (:func:`~..postprocessing.upsample_masks`, or its banded form with ``fast_paths``); only one
+    frame's full-resolution logits exist at a time."""
     out = torch.empty((len(queries), num_frames) + tuple(out_size), dtype=torch.bool, device=queries.device)
     for t in range(num_frames):
         low = frame_logits(queries, t)  # (P, Hm, Wm)
-        rows = MaskLogitRows(low, padded_size, image_size, out_size).rows(0, out_size[0])  # (H, W, P)
-        out[:, t] = (rows > 0).permute(2, 0, 1)
+        if fast_paths:
+            rows = MaskLogitRows(low, padded_size, image_size, out_size).rows(0, out_size[0])  # (H, W, P)
+            out[:, t] = (rows > 0).permute(2, 0, 1)
+        else:
+            out[:, t] = upsample_masks(low, padded_size, image_size, out_size) > 0
     return out
