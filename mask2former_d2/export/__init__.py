@@ -4,7 +4,6 @@ Importing this package needs only PyTorch; ``onnx`` / ``onnxruntime`` / ``onnxsc
 ``export`` extra: ``pip install .[export]``) are imported by the functions that use them.
 """
 
-from .ms_deform_attn import GridSampleMSDeformAttn, grid_sample_ms_deform_attn
 from .wrapper import (
     EXPORT_DIVISIBILITY,
     INPUT_NAMES,
@@ -19,8 +18,6 @@ __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "ExportableMaskFormer",
-    "GridSampleMSDeformAttn",
     "check_exportable",
     "export_mode",
-    "grid_sample_ms_deform_attn",
 ]

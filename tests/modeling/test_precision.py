@@ -20,7 +20,7 @@ from mask2former_d2.modeling.precision import emulate_low_precision, output_agre
 from tests.common import SHARED, make_inputs, tiny_cfg
 
 # The module (the package's ``ms_deform_attn`` name is the function).
-ms_deform_attn = importlib.import_module("mask2former_d2.layers.ms_deform_attn")
+ms_deform_attn = importlib.import_module("mask2former_d2.accel.ms_deform_attn")
 FIXTURE = os.path.join(SHARED, "fixtures", "parity", "m2f_r18_coco_panoptic")
 
 

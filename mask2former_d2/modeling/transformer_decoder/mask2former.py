@@ -17,6 +17,7 @@ from detectron2.config import CfgNode, configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ...accel.pointwise_conv import is_channels_last
 from ...layers.attention import (
     CrossAttentionLayer,
     FFNLayer,
@@ -24,7 +25,6 @@ from ...layers.attention import (
     flatten_hw,
     input_projection,
 )
-from ...layers.pointwise_conv import is_channels_last
 from ...layers.position_encoding import PositionEmbeddingSine
 from ..precision import full_precision, low_precision_inference
 from .build import TRANSFORMER_DECODER_REGISTRY

@@ -14,8 +14,8 @@ from detectron2.structures import BitMasks, ImageList, Instances
 from torch import Tensor
 from torch.nn import functional as F
 
+from ...accel.pointwise_conv import is_channels_last
 from ...accel.postprocessing import MaskLogitRows
-from ...layers.pointwise_conv import is_channels_last
 from ..meta_arch import MaskFormer
 from ..postprocessing import upsample_masks
 from .windows import WindowTracks
