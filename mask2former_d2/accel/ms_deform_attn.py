@@ -82,20 +82,8 @@ def ms_deform_attn(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """:func:`mask2former_d2.layers.ms_deform_attn.ms_deform_attn` with the ``embedding_bag``
-    gather.
-
-    Args:
-        value: (B, S, M, D) the flattened levels, split into heads.
-        spatial_shapes: (L, 2) integer (H_l, W_l) of every level.
-        level_start_index: (L,) integer offset of each level along S.
-        sampling_locations: (B, Q, M, L, P, 2) normalised (x, y); values outside [0, 1] are
-            allowed and read zeros outside the level.
-        attention_weights: (B, Q, M, L, P) weight of every sample (usually softmax-normalised
-            over L * P).
-
-    Returns:
-        (B, Q, M * D), heads concatenated, in ``value``'s dtype.
+    """:func:`mask2former_d2.layers.ms_deform_attn.ms_deform_attn` (same arguments and result)
+    with the ``embedding_bag`` gather.
 
     Coordinates and bilinear weights are computed in float32 (float64 if any input is
     float64) whatever the value dtype, so half-precision values under autocast still sample

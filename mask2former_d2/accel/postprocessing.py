@@ -27,7 +27,7 @@ from detectron2.structures import Boxes, Instances
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..modeling.postprocessing import boxes_from_projections
+from ..modeling.postprocessing import assign_segments, boxes_from_projections
 
 __all__ = ["BAND_ELEMENTS", "SEMANTIC_PIXELS", "MaskLogitRows", "postprocess_masks", "semantic_labels"]
 
@@ -262,23 +262,10 @@ class _Panoptic:
         if self.n == 0:
             return torch.zeros(self.winner.shape, dtype=torch.int32, device=self.winner.device), []
         # The segment bookkeeping needs a handful of scalars per query: one transfer.
-        stats = torch.stack([self.classes, self.won, self.own, self.seg]).tolist()
-        thing_set = set(int(t) for t in self.thing_ids)
-        segment_of_query = [0] * self.n
-        segments_info: List[Dict] = []
-        stuff_segment: Dict[int, int] = {}
-        for k, (cls, won, own, seg) in enumerate(zip(*stats)):
-            if won == 0 or own == 0 or seg == 0 or won / own < self.overlap_threshold:
-                continue
-            isthing = cls in thing_set
-            if not isthing and cls in stuff_segment:
-                segment_of_query[k] = stuff_segment[cls]
-                continue
-            seg_id = len(segments_info) + 1
-            if not isthing:
-                stuff_segment[cls] = seg_id
-            segment_of_query[k] = seg_id
-            segments_info.append({"id": seg_id, "isthing": isthing, "category_id": cls})
+        classes, won, own, seg = torch.stack([self.classes, self.won, self.own, self.seg]).tolist()
+        segment_of_query, segments_info = assign_segments(
+            classes, list(zip(won, own, seg)), self.thing_ids, self.overlap_threshold
+        )
         lut = torch.tensor(segment_of_query, dtype=torch.int32, device=self.winner.device)
         # where(confident, lut[winner], 0) with a single (H, W) int32 tensor.
         panoptic_seg = lut[self.winner]

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 __all__ = [
+    "assign_segments",
     "boxes_from_projections",
     "instance_inference",
     "masks_to_boxes",
@@ -71,26 +72,50 @@ def panoptic_inference(
     if prob.shape[0] == 0:
         return panoptic_seg, segments_info
     winner = (scores.view(-1, 1, 1) * prob).argmax(0)  # (H, W): the winning query of each pixel
-    thing_set = set(int(t) for t in thing_ids)
-    stuff_segment: Dict[int, int] = {}
+    areas = []  # per query: pixels won, pixels of its own mask, pixels of its segment
     for k in range(prob.shape[0]):
-        cls = int(labels[k])
-        won = winner == k
-        own = prob[k] >= 0.5
-        segment = won & own
-        won_area, own_area, seg_area = int(won.sum()), int(own.sum()), int(segment.sum())
-        if won_area == 0 or own_area == 0 or seg_area == 0 or won_area / own_area < overlap_threshold:
+        won, own = winner == k, prob[k] >= 0.5
+        areas.append((int(won.sum()), int(own.sum()), int((won & own).sum())))
+    segment_ids, segments_info = assign_segments(labels.tolist(), areas, thing_ids, overlap_threshold)
+    for k, seg_id in enumerate(segment_ids):
+        if seg_id:
+            panoptic_seg[(winner == k) & (prob[k] >= 0.5)] = seg_id
+    return panoptic_seg, segments_info
+
+
+def assign_segments(
+    classes: Sequence[int],
+    areas: Sequence[Tuple[int, int, int]],
+    thing_ids: Sequence[int],
+    overlap_threshold: float,
+) -> Tuple[List[int], List[Dict]]:
+    """Segment ids of the kept queries of :func:`panoptic_inference`, in query order.
+
+    Args:
+        classes: each query's class.
+        areas: each query's (won, own, segment) pixel counts.
+        thing_ids, overlap_threshold: as for :func:`panoptic_inference`.
+
+    Returns:
+        the segment id of every query (0 = dropped) and ``segments_info``.
+    """
+    thing_set = set(int(t) for t in thing_ids)
+    segment_ids = [0] * len(classes)
+    segments_info: List[Dict] = []
+    stuff_segment: Dict[int, int] = {}
+    for k, (cls, (won, own, seg)) in enumerate(zip(classes, areas)):
+        if won == 0 or own == 0 or seg == 0 or won / own < overlap_threshold:
             continue
         isthing = cls in thing_set
         if not isthing and cls in stuff_segment:
-            panoptic_seg[segment] = stuff_segment[cls]
+            segment_ids[k] = stuff_segment[cls]  # stuff of one class merges into one segment
             continue
         seg_id = len(segments_info) + 1
         if not isthing:
             stuff_segment[cls] = seg_id
-        panoptic_seg[segment] = seg_id
+        segment_ids[k] = seg_id
         segments_info.append({"id": seg_id, "isthing": isthing, "category_id": cls})
-    return panoptic_seg, segments_info
+    return segment_ids, segments_info
 
 
 def instance_inference(
