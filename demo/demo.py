@@ -35,9 +35,9 @@ from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 from mask2former_d2 import get_maskformer_cfg
+from mask2former_d2.accel.precision import check_precision
 from mask2former_d2.config import validate_cfg
 from mask2former_d2.engine.launch import run_cli
-from mask2former_d2.modeling.precision import check_precision
 from mask2former_d2.predictor import Predictor, VisualizationDemo
 
 logger = logging.getLogger("mask2former_d2.demo")

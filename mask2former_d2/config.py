@@ -76,7 +76,7 @@ def add_maskformer2_config(cfg: CN) -> None:
     mf.TEST.OVERLAP_THRESHOLD = 0.0
     mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
     # Arithmetic of inference: "fp32", or "bf16" / "fp16" where the device has the units for
-    # them (see mask2former_d2/modeling/precision.py).
+    # them (see mask2former_d2/accel/precision.py).
     mf.TEST.PRECISION = "fp32"
 
     # Build the model with the fast formulations of mask2former_d2/accel/ (banded post-processing,
@@ -200,7 +200,7 @@ def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
         if key not in known:
             raise _unknown_key_error(cfg, key, "command-line override")
     cfg.merge_from_list(opts)
-    from .modeling.precision import precision_dtype
+    from .accel.precision import precision_dtype
 
     precision_dtype(cfg.MODEL.MASK_FORMER.TEST.PRECISION)  # ValueError naming the key
     return cfg

@@ -1,12 +1,13 @@
-"""1x1 convolutions and linear + ReLU layers as plain matrix products, and the channels-last
-test the layout-following code uses.
+"""1x1 convolutions and linear + ReLU layers as plain matrix products.
 
 Shapes: B batch, C_in/C_out channels, H/W spatial."""
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["is_channels_last", "linear_relu", "pointwise_conv"]
+from .layout import is_channels_last
+
+__all__ = ["linear_relu", "pointwise_conv"]
 
 
 def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -63,13 +64,3 @@ def _d2_conv_forward():
     from detectron2.layers import Conv2d
 
     return Conv2d.forward
-
-
-def is_channels_last(x: Tensor) -> bool:
-    """Whether a 4-d ``x`` is laid out channels-last and not also plainly contiguous (as a 1x1
-    map or a single channel would be): the layout a ResNet's features have at CPU inference."""
-    return (
-        x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous()
-    )

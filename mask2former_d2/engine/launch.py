@@ -18,10 +18,10 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..accel.precision import check_precision
 from ..checkpoint import MaskFormerCheckpointer
 from ..config import get_maskformer_cfg, validate_cfg
 from ..evaluation import check_evaluation
-from ..modeling.precision import check_precision
 
 __all__ = ["USER_ERRORS", "default_argument_parser", "setup", "main", "launch_main", "run_cli"]
 

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from ..accel import postprocessing as banded
 from ..accel.fold_bn import fold_frozen_batchnorm
+from ..accel.precision import check_precision, full_precision, inference_precision, precision_dtype
 from .postprocessing import instance_inference, panoptic_inference, semantic_inference, upsample_masks
-from .precision import check_precision, full_precision, inference_precision, precision_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class MaskFormer(nn.Module):
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
             test_topk_per_image: instance detections kept per image.
             precision: inference arithmetic, "fp32", "bf16" or "fp16" (see
-                :mod:`mask2former_d2.modeling.precision`); the device must support it.
+                :mod:`mask2former_d2.accel.precision`); the device must support it.
             fast_paths: use the fast formulations of :mod:`mask2former_d2.accel` (folded frozen
                 batch norms, a channels-last ResNet input, banded post-processing) instead of the
                 reference ones; same outputs up to float rounding.

@@ -15,8 +15,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from mask2former_d2 import get_maskformer_cfg
-from mask2former_d2.modeling import precision
-from mask2former_d2.modeling.precision import emulate_low_precision, output_agreement
+from mask2former_d2.accel import precision
+from mask2former_d2.accel.precision import emulate_low_precision
+from mask2former_d2.evaluation.agreement import output_agreement
 from tests.common import SHARED, make_inputs, tiny_cfg
 
 # The module (the package's ``ms_deform_attn`` name is the function).

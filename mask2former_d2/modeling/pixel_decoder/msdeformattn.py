@@ -24,12 +24,13 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import Tensor, nn
 
+from ...accel.layout import is_channels_last
 from ...accel.ms_deform_attn import EmbeddingBagMSDeformAttn
-from ...accel.pointwise_conv import is_channels_last, linear_relu, pointwise_conv
+from ...accel.pointwise_conv import linear_relu, pointwise_conv
+from ...accel.precision import full_precision, low_precision_inference
 from ...layers.attention import FeedForwardMixin, make_dropout
 from ...layers.ms_deform_attn import MSDeformAttn, level_sizes
 from ...layers.position_encoding import PositionEmbeddingSine
-from ..precision import full_precision, low_precision_inference
 from .build import PIXEL_DECODER_REGISTRY
 
 __all__ = [
@@ -274,7 +275,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
     Returns mask features at ``common_stride``, the encoder output of the coarsest level and
     three multi-scale maps (strides 32, 16, 8 with the default features) for the transformer
     decoder. Runs in float32 even under autocast (training with AMP), as the published
-    implementation does; at low-precision inference (:mod:`..precision`) its convolutions and
+    implementation does; at low-precision inference (:mod:`mask2former_d2.accel.precision`) its convolutions and
     linear layers run in that precision, the deformable sampling in float32.
     """
 

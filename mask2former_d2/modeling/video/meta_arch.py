@@ -14,7 +14,7 @@ from detectron2.structures import BitMasks, ImageList, Instances
 from torch import Tensor
 from torch.nn import functional as F
 
-from ...accel.pointwise_conv import is_channels_last
+from ...accel.layout import is_channels_last
 from ...accel.postprocessing import MaskLogitRows
 from ..meta_arch import MaskFormer
 from ..postprocessing import upsample_masks
