@@ -380,7 +380,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.fast_paths = fast_paths
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
 
-        self.mask_dim = mask_dim
         self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1, stride=1, padding=0)
         weight_init.c2_xavier_fill(self.mask_features)
 

@@ -42,7 +42,7 @@ class VideoMaskFormer(MaskFormer):
     ``pred_masks`` (the ``test_topk_per_video`` best (query, class) pairs, best first; boolean
     (T, H, W) masks). Beyond the published model, inference runs the backbone and pixel decoder
     over ``frame_chunk_size`` frames at a time and makes the full-resolution masks one frame at a
-    time (same outputs, memory no longer dominated by T x full-size masks), and can process long
+    time (same outputs, memory not dominated by T x full-size masks), and can process long
     clips in overlapping windows (``window_size`` > 0; changes outputs, see
     :class:`~.windows.WindowTracks`).
     """
@@ -193,7 +193,7 @@ class VideoMaskFormer(MaskFormer):
         image_size: Tuple[int, int],
         out_size: Tuple[int, int],
     ) -> Dict[str, Any]:
-        """The published per-video output (PARITY_NOTES 16) from (Q, K+1) class logits and
+        """The published per-video output from (Q, K+1) class logits and
         ``frame_logits(queries, t)``, the (P, Hm, Wm) mask logits of the given queries in frame
         t: the best (query, class) pairs over the flattened Q x K softmax scores (no-object
         dropped), their masks upsampled to the padded size, cropped to the frame, resized to
