@@ -14,7 +14,7 @@ post-processing and total, each the fastest of --repeat runs after a warm-up (on
 machine noise only adds time); peak RSS; parameters and GFLOPs (fvcore); the time ratio of each
 precision to fp32 and the deviation of its outputs from fp32 (semantic argmax agreement,
 panoptic pixel agreement and segment counts, instance mask IoU in matched order; see
-``mask2former_d2.modeling.precision.output_agreement``). With a GPU, the same rows on it.
+``mask2former_d2.evaluation.agreement.output_agreement``). With a GPU, the same rows on it.
 
     python benchmarks/bench_inference.py [--config FILE] [--size 800 1333] [--threads 2]
         [--repeat 5] [--precisions fp32,bf16] [--emulate] [--rounds 3 --save-weights W.pth
@@ -275,7 +275,7 @@ def main():
     if args.child:
         import contextlib
 
-        from mask2former_d2.modeling.precision import emulate_low_precision
+        from mask2former_d2.accel.precision import emulate_low_precision
 
         with emulate_low_precision() if args.emulate else contextlib.nullcontext():
             print(json.dumps(_measure(args)))
@@ -285,7 +285,8 @@ def main():
 
     import torch
 
-    from mask2former_d2.modeling.precision import output_agreement, precision_dtype, unsupported_reason
+    from mask2former_d2.accel.precision import precision_dtype, unsupported_reason
+    from mask2former_d2.evaluation.agreement import output_agreement
 
     precisions = ["fp32"] + [p for p in args.precisions.split(",") if p and p != "fp32"]
     for p in precisions:

@@ -35,10 +35,10 @@ from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 from mask2former_d2 import get_maskformer_cfg
+from mask2former_d2.accel.precision import check_precision
 from mask2former_d2.config import validate_cfg
 from mask2former_d2.data.datasets.custom import add_dataset_argument
 from mask2former_d2.engine.launch import overrides_after_opts, run_cli
-from mask2former_d2.modeling.precision import check_precision
 from mask2former_d2.predictor import Predictor, VisualizationDemo
 
 logger = logging.getLogger("mask2former_d2.demo")

@@ -83,8 +83,14 @@ def add_maskformer2_config(cfg: CN) -> None:
     mf.TEST.OVERLAP_THRESHOLD = 0.0
     mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
     # Arithmetic of inference: "fp32", or "bf16" / "fp16" where the device has the units for
-    # them (see mask2former_d2/modeling/precision.py).
+    # them (see mask2former_d2/accel/precision.py).
     mf.TEST.PRECISION = "fp32"
+
+    # Build the model with the fast formulations of mask2former_d2/accel/ (banded post-processing,
+    # embedding_bag deformable-attention sampling, folded frozen BN, channels-last ResNet input,
+    # 1x1 convs as matrix products, chunked encoder layers). Same outputs up to float rounding;
+    # False builds the plain reference formulations (which torch.export/ONNX export needs).
+    mf.FAST_PATHS = True
 
     # Inputs are padded to a multiple of this (-1: use the backbone's size_divisibility).
     mf.SIZE_DIVISIBILITY = 32
@@ -255,7 +261,7 @@ def get_maskformer_cfg(config_file: str = "", opts=()) -> CN:
 
     # Here, where every process of a run builds its config: spawned workers register them too.
     register_custom_datasets(cfg)
-    from .modeling.precision import precision_dtype
+    from .accel.precision import precision_dtype
 
     precision_dtype(cfg.MODEL.MASK_FORMER.TEST.PRECISION)  # ValueError naming the key
     return cfg

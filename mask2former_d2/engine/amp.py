@@ -18,7 +18,7 @@ import torch
 from detectron2.engine import AMPTrainer
 from detectron2.utils.events import get_event_storage
 
-from ..modeling import precision as _precision
+from ..accel import precision as _precision
 
 __all__ = ["MaskFormerAMPTrainer", "default_amp_dtype"]
 

@@ -31,11 +31,11 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..accel.precision import check_precision
 from ..checkpoint import MaskFormerCheckpointer, last_good_checkpoint
 from ..config import get_maskformer_cfg, validate_cfg
 from ..data.datasets.custom import add_dataset_argument
 from ..evaluation import check_evaluation
-from ..modeling.precision import check_precision
 from .output_dir import OutputDirLock, check_previous_run
 
 __all__ = [

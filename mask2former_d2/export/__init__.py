@@ -4,23 +4,7 @@ Importing this package needs only PyTorch; ``onnx`` / ``onnxruntime`` / ``onnxsc
 ``export`` extra: ``pip install .[export]``) are imported by the functions that use them.
 """
 
-from .ms_deform_attn import GridSampleMSDeformAttn, grid_sample_ms_deform_attn
-from .wrapper import (
-    EXPORT_DIVISIBILITY,
-    INPUT_NAMES,
-    OUTPUT_NAMES,
-    ExportableMaskFormer,
-    check_exportable,
-    export_mode,
-)
+from . import wrapper
+from .wrapper import *  # noqa: F401,F403  (the public names of the export wrapper)
 
-__all__ = [
-    "EXPORT_DIVISIBILITY",
-    "INPUT_NAMES",
-    "OUTPUT_NAMES",
-    "ExportableMaskFormer",
-    "GridSampleMSDeformAttn",
-    "check_exportable",
-    "export_mode",
-    "grid_sample_ms_deform_attn",
-]
+__all__ = list(wrapper.__all__)

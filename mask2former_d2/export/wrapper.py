@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from ..layers.deform_conv import grid_sample_deform_conv
 from ..modeling.meta_arch import MaskFormer
-from .ms_deform_attn import grid_sample_ms_deform_attn
 
 __all__ = [
     "EXPORT_DIVISIBILITY",
@@ -100,14 +99,15 @@ class ExportableMaskFormer(nn.Module):
 
 @contextlib.contextmanager
 def export_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The formulations used while exporting ``model``: eval mode, and the deformable
-    attention and deformable convolutions computed with ``grid_sample``
-    (:mod:`mask2former_d2.export.ms_deform_attn`, :func:`.grid_sample_deform_conv`: ONNX
-    Runtime has no deformable operators). The model is restored on exit."""
+    """``model`` in eval mode for the duration of an export, restored on exit, with its
+    deformable convolutions computed with ``grid_sample`` (:func:`.grid_sample_deform_conv`: ONNX
+    Runtime has no deformable operators). (Modules whose fast formulation cannot be traced, e.g.
+    :class:`~mask2former_d2.accel.ms_deform_attn.EmbeddingBagMSDeformAttn`, compute their reference
+    formulation while torch.export traces.)"""
     was_training = model.training
     model.eval()  # an ExportableMaskFormer shares its modules: this puts it in eval mode too
     try:
-        with grid_sample_ms_deform_attn(model), grid_sample_deform_conv(model):
+        with grid_sample_deform_conv(model):
             yield model
     finally:
         model.train(was_training)

@@ -1,11 +1,11 @@
-"""Building blocks shared by the models: attention, feed-forward and MLP blocks, position
-encodings, DETR's transformer, multi-scale deformable attention and pointwise convolutions.
-Pixel decoders, transformer decoders and export import them from here, never from each other."""
+"""Building blocks shared by the models, in their reference formulation: attention,
+feed-forward and MLP blocks, position encodings, DETR's transformer and multi-scale deformable
+attention. Pixel decoders, transformer decoders and export import them from here, never from
+each other; their fast formulations live in :mod:`mask2former_d2.accel`."""
 
 from .attention import MLP, CrossAttentionLayer, FFNLayer, MultiHeadAttention, SelfAttentionLayer
 from .deform_conv import ModulatedDeformConv, modulated_deform_conv
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn
-from .pointwise_conv import is_channels_last, pointwise_conv
 from .position_encoding import PositionEmbeddingSine, PositionEmbeddingSine3D
 
 __all__ = [
@@ -18,8 +18,6 @@ __all__ = [
     "PositionEmbeddingSine",
     "PositionEmbeddingSine3D",
     "SelfAttentionLayer",
-    "is_channels_last",
     "modulated_deform_conv",
     "ms_deform_attn",
-    "pointwise_conv",
 ]

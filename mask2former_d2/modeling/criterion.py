@@ -1,6 +1,6 @@
 """Set-prediction losses of MaskFormer / Mask2Former.
 
-Shapes: B batch, Q queries, K classes (+1 = no-object), T ground-truth segments of one image,
+Shapes: B batch, Q queries, K classes (+1 = no-object), G ground-truth segments of one image,
 N matched (query, segment) pairs of the batch, P points per mask, H/W prediction mask size,
 Hm/Wm (padded) target mask size.
 
@@ -13,7 +13,7 @@ Each query is matched one-to-one to a segment by ``HungarianMatcher``; then
   and dice on P points chosen by PointRend importance sampling; ``"full"`` (MaskFormer) upsamples
   the predictions to the target size and evaluates sigmoid focal loss and dice on every pixel.
 
-Video (Mask2Former-VIS): with (B, Q, F, H, W) predictions and (T, F, Hm, Wm) target tracks, the
+Video (Mask2Former-VIS): with (B, Q, T, H, W) predictions and (G, T, Hm, Wm) target tracks, the
 matcher works on whole tracks and the mask losses treat each frame of a matched pair as one mask
 (points sampled per frame), still normalised by the number of tracks.
 
@@ -192,7 +192,7 @@ class SetCriterion(nn.Module):
     @classmethod
     def from_config(cls, cfg: CfgNode, num_classes: int) -> Dict[str, Any]:
         mf = cfg.MODEL.MASK_FORMER
-        mask_loss_type = mf.get("MASK_LOSS_TYPE", "point")
+        mask_loss_type = mf.MASK_LOSS_TYPE
         if mask_loss_type not in _MASK_LOSS_TYPES:
             raise ValueError(
                 f"MODEL.MASK_FORMER.MASK_LOSS_TYPE must be one of {list(_MASK_LOSS_TYPES)}, got "
@@ -252,7 +252,7 @@ class SetCriterion(nn.Module):
     def _matched_target_masks(
         targets: List[Dict[str, Tensor]], indices: List[Tuple[Tensor, Tensor]], device: torch.device
     ) -> Tensor:
-        """The N matched target masks, zero-padded to the batch size: float32 (N, [F,] Hm, Wm)."""
+        """The N matched target masks, zero-padded to the batch size: float32 (N, [T,] Hm, Wm)."""
         size = batch_mask_size(targets)
         picked = [
             pad_masks(t["masks"][tgt.to(t["masks"].device)], size)
@@ -293,14 +293,14 @@ class SetCriterion(nn.Module):
         self, outputs: Dict[str, Tensor], targets: Targets, indices: Indices, num_masks: float
     ) -> Dict[str, Tensor]:
         """``loss_mask`` and ``loss_dice`` of the matched pairs (see ``mask_loss_type``)."""
-        pred_masks = outputs["pred_masks"]  # (B, Q, [F,] H, W)
+        pred_masks = outputs["pred_masks"]  # (B, Q, [T,] H, W)
         batch_idx, query_idx = self._query_index(indices, pred_masks.device)
         if batch_idx.numel() == 0:
             # No segment in the batch: a zero that still reaches every mask logit, so all
             # parameters get a (zero) gradient, as DDP requires.
             zero = pred_masks.float().sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
-        # Frames of a video track are masks of their own: (N*F, Hm, Wm) and (N*F, 1, H, W).
+        # Frames of a video track are masks of their own: (N*T, Hm, Wm) and (N*T, 1, H, W).
         tgt_masks = self._matched_target_masks(targets, indices, pred_masks.device).flatten(0, -3)
         with torch.autocast(device_type=pred_masks.device.type, enabled=False):
             src_masks = pred_masks[batch_idx, query_idx].float().flatten(0, -3)[:, None]
@@ -351,10 +351,10 @@ class SetCriterion(nn.Module):
 
         Args:
             outputs: ``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, H, W) (video:
-                (B, Q, F, H, W)) and optionally ``aux_outputs``, a list of dicts with the same
+                (B, Q, T, H, W)) and optionally ``aux_outputs``, a list of dicts with the same
                 two keys.
-            targets: B dicts with ``labels`` (T,) int64 in [0, K) and ``masks`` (T, Hm, Wm)
-                binary masks (video: (T, F, Hm, Wm) tracks) aligned with the padded input image
+            targets: B dicts with ``labels`` (G,) int64 in [0, K) and ``masks`` (G, Hm, Wm)
+                binary masks (video: (G, T, Hm, Wm) tracks) aligned with the padded input image
                 (different sizes are zero-padded at the bottom/right to the largest).
 
         Returns:

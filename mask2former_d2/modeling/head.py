@@ -37,8 +37,6 @@ class MaskFormerHead(nn.Module):
         pixel_decoder: nn.Module,
         transformer_predictor: nn.Module,
         transformer_in_feature: str,
-        loss_weight: float = 1.0,
-        ignore_value: int = -1,
     ) -> None:
         """
         Args:
@@ -49,7 +47,6 @@ class MaskFormerHead(nn.Module):
             transformer_in_feature: what the transformer decoder reads, one of
                 ``multi_scale_pixel_decoder``, ``transformer_encoder``, ``pixel_embedding``
                 or a backbone feature name from ``input_shape``.
-            loss_weight, ignore_value: kept for configuration compatibility.
         """
         super().__init__()
         if transformer_in_feature not in _DECODER_INPUTS and transformer_in_feature not in input_shape:
@@ -57,11 +54,7 @@ class MaskFormerHead(nn.Module):
                 f"MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE={transformer_in_feature!r}: expected one of "
                 f"{list(_DECODER_INPUTS)} or a backbone feature in {sorted(input_shape)}"
             )
-        self.in_features = [k for k, _ in sorted(input_shape.items(), key=lambda kv: kv[1].stride)]
         self.num_classes = num_classes
-        self.ignore_value = ignore_value
-        self.loss_weight = loss_weight
-        self.common_stride = 4
         self.pixel_decoder = pixel_decoder
         self.predictor = transformer_predictor
         self.transformer_in_feature = transformer_in_feature
@@ -95,8 +88,6 @@ class MaskFormerHead(nn.Module):
                 cfg, predictor_channels, mask_classification=True
             ),
             "transformer_in_feature": in_feature,
-            "loss_weight": head_cfg.LOSS_WEIGHT,
-            "ignore_value": head_cfg.IGNORE_VALUE,
         }
 
     def _load_from_state_dict(

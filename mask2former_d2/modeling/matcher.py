@@ -1,6 +1,6 @@
 """Bipartite (Hungarian) matching between mask predictions and ground-truth segments.
 
-Shapes: B batch, Q queries, K classes (+1 = no-object), T ground-truth segments of one image,
+Shapes: B batch, Q queries, K classes (+1 = no-object), G ground-truth segments of one image,
 P points per mask, H/W prediction mask size, Hm/Wm (padded) target mask size.
 
 The cost of pairing query q with segment t is
@@ -13,9 +13,9 @@ Mask2Former recipe). With ``num_points=0`` the mask terms use every pixel of the
 instead, with the targets resized to it (the original MaskFormer recipe, used with
 ``mask_cost="focal"``).
 
-Video (Mask2Former-VIS): predictions (Q, T, H, W) and targets (T, T_frames, Hm, Wm) of a clip are
+Video (Mask2Former-VIS): predictions (Q, T, H, W) and targets (G, T, Hm, Wm) of a clip are
 matched the same way, with the P points shared by all frames and every cost taken over the
-T_frames * P values of a track.
+T * P values of a track.
 """
 
 import logging
@@ -69,19 +69,19 @@ def pairwise_sigmoid_bce_cost(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean sigmoid binary cross entropy of every (prediction, target) pair.
 
     BCE(x, y) = y * softplus(-x) + (1 - y) * softplus(x), so the pairwise mean is two matrix
-    products and no (Q, T, P) tensor is ever built.
+    products and no (Q, G, P) tensor is ever built.
 
     Args:
         logits: (Q, P) mask logits.
-        labels: (T, P) target values in [0, 1].
+        labels: (G, P) target values in [0, 1].
 
     Returns:
-        (Q, T) costs.
+        (Q, G) costs.
     """
     num_points = logits.shape[1]
     pos = F.softplus(-logits)  # (Q, P): -log sigmoid(x), the loss where the label is 1
     neg = F.softplus(logits)  # (Q, P): -log sigmoid(-x), the loss where the label is 0
-    cost = pos @ labels.t() + neg @ (1.0 - labels).t()  # (Q, T)
+    cost = pos @ labels.t() + neg @ (1.0 - labels).t()  # (Q, G)
     return cost / num_points
 
 
@@ -94,12 +94,12 @@ def pairwise_sigmoid_focal_cost(
 
     Args:
         logits: (Q, P) mask logits.
-        labels: (T, P) target values in [0, 1].
+        labels: (G, P) target values in [0, 1].
         alpha: weight of the positive term (1 - alpha for the negative one); < 0 disables it.
         gamma: focusing exponent.
 
     Returns:
-        (Q, T) costs.
+        (Q, G) costs.
     """
     num_points = logits.shape[1]
     prob = logits.sigmoid()
@@ -108,7 +108,7 @@ def pairwise_sigmoid_focal_cost(
     if alpha >= 0:
         pos = pos * alpha
         neg = neg * (1.0 - alpha)
-    cost = pos @ labels.t() + neg @ (1.0 - labels).t()  # (Q, T)
+    cost = pos @ labels.t() + neg @ (1.0 - labels).t()  # (Q, G)
     return cost / num_points
 
 
@@ -117,14 +117,14 @@ def pairwise_dice_cost(logits: Tensor, labels: Tensor) -> Tensor:
 
     Args:
         logits: (Q, P) mask logits.
-        labels: (T, P) target values in [0, 1].
+        labels: (G, P) target values in [0, 1].
 
     Returns:
-        (Q, T) costs in [0, 1].
+        (Q, G) costs in [0, 1].
     """
     prob = logits.sigmoid()
-    overlap = prob @ labels.t()  # (Q, T)
-    total = prob.sum(-1)[:, None] + labels.sum(-1)[None, :]  # (Q, T)
+    overlap = prob @ labels.t()  # (Q, G)
+    total = prob.sum(-1)[:, None] + labels.sum(-1)[None, :]  # (Q, G)
     return 1.0 - (2.0 * overlap + 1.0) / (total + 1.0)
 
 
@@ -180,27 +180,27 @@ class HungarianMatcher(nn.Module):
         )
 
     def _mask_values(self, pred_masks: Tensor, tgt_masks: Tensor) -> Tuple[Tensor, Tensor]:
-        """Mask logits (Q, P) and target values (T, P) at the points the costs average over.
+        """Mask logits (Q, P) and target values (G, P) at the points the costs average over.
 
         Args:
-            pred_masks: (Q, [F,] H, W) float32 logits (F frames of a clip, if any).
-            tgt_masks: (T, [F,] Hm, Wm) float32 targets, padded to the batch size.
+            pred_masks: (Q, [T,] H, W) float32 logits (T frames of a clip, if any).
+            tgt_masks: (G, [T,] Hm, Wm) float32 targets, padded to the batch size.
 
-        With frames, each row holds the F * P values of a track, frame-major.
+        With frames, each row holds the T * P values of a track, frame-major.
         """
         num_pred, num_tgt = pred_masks.shape[0], tgt_masks.shape[0]
         # Queries (and segments, and frames) as channels of a single sample.
-        pred = pred_masks.reshape((1, -1) + tuple(pred_masks.shape[-2:]))  # (1, Q*F, H, W)
-        tgt = tgt_masks.reshape((1, -1) + tuple(tgt_masks.shape[-2:]))  # (1, T*F, Hm, Wm)
+        pred = pred_masks.reshape((1, -1) + tuple(pred_masks.shape[-2:]))  # (1, Q*T, H, W)
+        tgt = tgt_masks.reshape((1, -1) + tuple(tgt_masks.shape[-2:]))  # (1, G*T, Hm, Wm)
         if self.num_points == 0:
             tgt = F.interpolate(tgt, size=pred.shape[-2:], mode="nearest")
-            return pred.reshape(num_pred, -1), tgt.reshape(num_tgt, -1)  # (Q, F*H*W), (T, F*H*W)
+            return pred.reshape(num_pred, -1), tgt.reshape(num_tgt, -1)  # (Q, T*H*W), (G, T*H*W)
         # One set of points for the whole image (clip): one grid_sample call reads every query,
         # segment and frame at the same locations.
         coords = torch.rand(1, self.num_points, 2, device=pred_masks.device)  # (1, P, 2)
-        pred = point_sample(pred, coords, align_corners=False)  # (1, Q*F, P)
-        tgt = point_sample(tgt, coords, align_corners=False)  # (1, T*F, P)
-        return pred.reshape(num_pred, -1), tgt.reshape(num_tgt, -1)  # (Q, F*P), (T, F*P)
+        pred = point_sample(pred, coords, align_corners=False)  # (1, Q*T, P)
+        tgt = point_sample(tgt, coords, align_corners=False)  # (1, G*T, P)
+        return pred.reshape(num_pred, -1), tgt.reshape(num_tgt, -1)  # (Q, T*P), (G, T*P)
 
     def _finite(self, cost: Tensor) -> Tensor:
         """Replaces NaN/inf entries so the assignment solver always runs."""
@@ -226,20 +226,20 @@ class HungarianMatcher(nn.Module):
 
         Args:
             pred_logits: (Q, K+1) class logits.
-            pred_masks: (Q, H, W) mask logits, or (Q, F, H, W) for a clip of F frames.
-            labels: (T,) int64 class ids in [0, K).
-            tgt_masks: (T, Hm, Wm) binary masks (or (T, F, Hm, Wm)), already padded to the
+            pred_masks: (Q, H, W) mask logits, or (Q, T, H, W) for a clip of T frames.
+            labels: (G,) int64 class ids in [0, K).
+            tgt_masks: (G, Hm, Wm) binary masks (or (G, T, Hm, Wm)), already padded to the
                 batch size.
 
         Returns:
-            (Q, T) costs; may hold NaN/inf if the predictions do.
+            (Q, G) costs; may hold NaN/inf if the predictions do.
         """
         # float32 even under autocast: fp16 sums over thousands of points lose the ranking.
         with torch.autocast(device_type=pred_logits.device.type, enabled=False):
             prob = pred_logits.float().softmax(-1)  # (Q, K+1)
-            cost_class = -prob[:, labels]  # (Q, T)
-            tgt = tgt_masks.to(device=pred_masks.device, dtype=torch.float32)  # (T, Hm, Wm)
-            pred, tgt = self._mask_values(pred_masks.float(), tgt)  # (Q, P), (T, P)
+            cost_class = -prob[:, labels]  # (Q, G)
+            tgt = tgt_masks.to(device=pred_masks.device, dtype=torch.float32)  # (G, Hm, Wm)
+            pred, tgt = self._mask_values(pred_masks.float(), tgt)  # (Q, P), (G, P)
             return (
                 self.cost_class * cost_class
                 + self.cost_mask * self._mask_cost_fn(pred, tgt)
@@ -254,14 +254,14 @@ class HungarianMatcher(nn.Module):
 
         Args:
             outputs: ``pred_logits`` (B, Q, K+1) and ``pred_masks`` (B, Q, H, W) logits
-                (video: (B, Q, F, H, W)).
-            targets: B dicts with ``labels`` (T,) int64 class ids in [0, K) and ``masks``
-                (T, Hm, Wm) binary masks (video: (T, F, Hm, Wm) tracks), aligned with the
+                (video: (B, Q, T, H, W)).
+            targets: B dicts with ``labels`` (G,) int64 class ids in [0, K) and ``masks``
+                (G, Hm, Wm) binary masks (video: (G, T, Hm, Wm) tracks), aligned with the
                 (padded) input image; images of different sizes are zero-padded at the
                 bottom/right to the largest.
 
         Returns:
-            B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors of length min(Q, T): query
+            B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors of length min(Q, G): query
             ``pred_idx[i]`` is matched to segment ``tgt_idx[i]``; ``pred_idx`` is increasing.
             An image without segments gets two empty tensors.
         """
@@ -279,7 +279,7 @@ class HungarianMatcher(nn.Module):
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            tgt_masks = pad_masks(target["masks"], mask_size)  # (T, Hm, Wm)
+            tgt_masks = pad_masks(target["masks"], mask_size)  # (G, Hm, Wm)
             cost = self.cost_matrix(pred_logits[b], pred_masks[b], labels, tgt_masks)
             rows, cols = linear_sum_assignment(self._finite(cost).cpu().numpy())
             indices.append(

@@ -2,8 +2,9 @@
 
 Shapes: B batch, Q queries, K classes (+1 = no-object), H/W input size, Hp/Wp padded size.
 """
+import contextlib
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode, configurable
@@ -11,13 +12,14 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.backbone import Backbone, ResNet
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.structures import BitMasks, ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import Tensor, nn
 
-from .backbone.fold_bn import fold_frozen_batchnorm
-from .postprocessing import MaskLogitRows, postprocess_masks, semantic_labels
-from .precision import check_precision, full_precision, inference_precision, precision_dtype
+from ..accel import postprocessing as banded
+from ..accel.fold_bn import fold_frozen_batchnorm
+from ..accel.precision import check_precision, full_precision, inference_precision, precision_dtype
+from .postprocessing import instance_inference, panoptic_inference, semantic_inference, upsample_masks
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,29 @@ def _thing_ids(metadata: Any) -> Tuple[int, ...]:
 def _checked_precision(precision: str, device: str) -> str:
     check_precision(precision, torch.device(device).type)
     return precision
+
+
+def check_image(img: Any, channels: int, where: str) -> Tensor:
+    """``img`` if it is a (channels, H, W) tensor, else a ValueError naming ``where``."""
+    if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != channels:
+        got = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
+        raise ValueError(
+            f"{where} must be a ({channels}, H, W) tensor in INPUT.FORMAT channel order; got {got}"
+        )
+    return img
+
+
+def gt_mask_tensor(masks: Any, where: str) -> Tensor:
+    """The (N, H, W) tensor of ground-truth masks given as BitMasks or a tensor; a TypeError
+    naming ``where`` otherwise."""
+    if isinstance(masks, BitMasks):
+        masks = masks.tensor
+    if not isinstance(masks, Tensor):
+        raise TypeError(
+            f"{where}.gt_masks must be a BitMasks or a (N, H, W) tensor; got "
+            f"{type(masks).__name__} (convert polygons with the dataset mapper)"
+        )
+    return masks
 
 
 def _float_outputs(outputs: Any) -> Any:
@@ -84,6 +109,7 @@ class MaskFormer(nn.Module):
         instance_on: bool = False,
         test_topk_per_image: int = 100,
         precision: str = "fp32",
+        fast_paths: bool = True,
     ) -> None:
         """
         Args:
@@ -103,7 +129,10 @@ class MaskFormer(nn.Module):
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
             test_topk_per_image: instance detections kept per image.
             precision: inference arithmetic, "fp32", "bf16" or "fp16" (see
-                :mod:`mask2former_d2.modeling.precision`); the device must support it.
+                :mod:`mask2former_d2.accel.precision`); the device must support it.
+            fast_paths: use the fast formulations of :mod:`mask2former_d2.accel` (folded frozen
+                batch norms, a channels-last ResNet input, banded post-processing) instead of the
+                reference ones; same outputs up to float rounding.
         """
         super().__init__()
         if not (semantic_on or panoptic_on or instance_on):
@@ -116,9 +145,14 @@ class MaskFormer(nn.Module):
                 f"MODEL.PIXEL_MEAN has {len(pixel_mean)} values but MODEL.PIXEL_STD has {len(pixel_std)}"
             )
         self.backbone = backbone
-        # Frozen batch norms run folded into their convolutions at inference (same numbers up
-        # to rounding, one pass less over every activation); checkpoints are unaffected.
-        fold_frozen_batchnorm(backbone)
+        self.fast_paths = fast_paths
+        if fast_paths:
+            # Frozen batch norms run folded into their convolutions at inference; checkpoints
+            # are unaffected.
+            fold_frozen_batchnorm(backbone)
+        # Channels-last is oneDNN's native layout: a ResNet's convolutions skip the layout
+        # conversions, and its features stay channels-last.
+        self.channels_last_input = fast_paths and isinstance(backbone, ResNet)
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
         self.num_queries = num_queries
@@ -186,25 +220,27 @@ class MaskFormer(nn.Module):
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             # Checked against the device here, so that an unavailable precision fails at build.
             "precision": _checked_precision(test.PRECISION, cfg.MODEL.DEVICE),
+            "fast_paths": cfg.MODEL.MASK_FORMER.FAST_PATHS,
         }
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def _input_images(self, batched_inputs: List[Dict[str, Any]]) -> List[Tensor]:
+        """The (C, H, W) images of a batch, checked (a video model returns every frame)."""
+        channels = self.pixel_mean.shape[0]
+        return [
+            check_image(x.get("image") if isinstance(x, dict) else None, channels, f"batched_inputs[{i}]['image']")
+            for i, x in enumerate(batched_inputs)
+        ]
+
+    def _normalize(self, image: Tensor) -> Tensor:
+        return (image.to(self.device) - self.pixel_mean) / self.pixel_std
+
     def preprocess_image(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
         """Normalises each image, then pads the batch with zeros to ``size_divisibility``."""
-        images = []
-        channels = self.pixel_mean.shape[0]
-        for i, x in enumerate(batched_inputs):
-            img = x.get("image") if isinstance(x, dict) else None
-            if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != channels:
-                got = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
-                raise ValueError(
-                    f"batched_inputs[{i}]['image'] must be a ({channels}, H, W) tensor in "
-                    f"INPUT.FORMAT channel order; got {got}"
-                )
-            images.append((img.to(self.device) - self.pixel_mean) / self.pixel_std)
+        images = [self._normalize(img) for img in self._input_images(batched_inputs)]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):
@@ -219,32 +255,44 @@ class MaskFormer(nn.Module):
             (K, height, width) probabilities, ``panoptic_seg`` (seg (height, width) int32,
             segments_info) and ``instances`` as enabled.
         """
-        images = self.preprocess_image(batched_inputs)
-        if self.training or self.precision_dtype == torch.float32:
-            features = self.backbone(self._backbone_input(images.tensor))
-            outputs = self.sem_seg_head(features)
-        else:
-            outputs = self._forward_low_precision(images.tensor)
-
         if self.training:
-            if self.criterion is None:
-                raise RuntimeError("this MaskFormer was built without a criterion; it cannot train")
-            if "instances" in batched_inputs[0]:
-                gt = [x["instances"].to(self.device) for x in batched_inputs]
-                targets = self.prepare_targets(gt, images)
-            else:
-                targets = None
-            # The matching and the losses run in float32 under AMP too.
-            with full_precision(images.tensor):
-                losses = self.criterion(_float_outputs(outputs), targets)
-            weights = self.criterion.weight_dict
-            return {k: v * weights[k] for k, v in losses.items() if k in weights}
+            images = self.preprocess_image(batched_inputs)
+            outputs = self.sem_seg_head(self.backbone(images.tensor))
+            return self.losses(outputs, self.prepare_targets(batched_inputs, images), images.tensor)
+        return self.inference(batched_inputs)
 
+    def losses(
+        self, outputs: Dict[str, Any], targets: Optional[List[Dict[str, Tensor]]], like: Tensor
+    ) -> Dict[str, Tensor]:
+        """The weighted losses of the head's ``outputs``; the matching and the losses run in
+        float32 (also under AMP), on the device of ``like``."""
+        if self.criterion is None:
+            raise RuntimeError(f"this {type(self).__name__} was built without a criterion; it cannot train")
+        with full_precision(like):
+            losses = self.criterion(_float_outputs(outputs), targets)
+        weights = self.criterion.weight_dict
+        return {k: v * weights[k] for k, v in losses.items() if k in weights}
+
+    def inference(self, batched_inputs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Eval-mode outputs of a batch (see :meth:`forward`)."""
+        images = self.preprocess_image(batched_inputs)
+        with self.inference_precision():
+            outputs = self.sem_seg_head(self.backbone(self._backbone_input(images.tensor)))
+        outputs = _float_outputs(outputs)
         padded_size = tuple(images.tensor.shape[-2:])
         return self.postprocess(
             outputs["pred_logits"], outputs["pred_masks"], padded_size, images.image_sizes,
             batched_inputs,
         )
+
+    def inference_precision(self) -> ContextManager:
+        """The context of the network at inference: ``self.precision`` (autocast to bf16 / fp16,
+        see :mod:`mask2former_d2.accel.precision`; the device must support it), or nothing for
+        float32."""
+        if self.precision_dtype == torch.float32:
+            return contextlib.nullcontext()
+        device_type = self.device.type
+        return inference_precision(check_precision(self.precision, device_type), device_type)
 
     def postprocess(
         self,
@@ -264,20 +312,14 @@ class MaskFormer(nn.Module):
             for mask_cls, mask_pred, size, x in zip(pred_logits, pred_masks, image_sizes, batched_inputs)
         ]
 
-    def _forward_low_precision(self, x: Tensor) -> Dict[str, Any]:
-        """Backbone and head in ``self.precision`` (see :mod:`.precision`): the normalised
-        batch is cast once; the predictions come back in float32."""
-        dtype = check_precision(self.precision, x.device.type)
-        with inference_precision(dtype, x.device.type):
-            outputs = self.sem_seg_head(self.backbone(self._backbone_input(x).to(dtype)))
-        return _float_outputs(outputs)
-
     def _backbone_input(self, x: Tensor) -> Tensor:
-        """The padded batch in the memory layout the backbone runs fastest in: channels-last
-        for a ResNet at inference on the CPU (oneDNN's native layout: ~30% less backbone time,
-        same values up to rounding; its features then stay channels-last), unchanged
-        otherwise."""
-        if not self.training and x.device.type == "cpu" and isinstance(self.backbone, ResNet):
+        """The padded batch as the backbone takes it at inference: cast once to the inference
+        precision, and in the memory layout chosen at build (``channels_last_input``; same
+        values up to rounding). Training takes it as it is."""
+        if self.training:
+            return x
+        x = x.to(self.precision_dtype)
+        if self.channels_last_input:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -291,14 +333,14 @@ class MaskFormer(nn.Module):
     ) -> Dict[str, Any]:
         """Outputs of one image from its (Q, K+1) class logits and (Q, h, w) low-resolution mask
         logits, as the published model: masks upsampled to the padded batch, cropped to the image
-        and resized to the requested ``height``/``width`` (PARITY_NOTES 2), here a band of rows
-        at a time (see :class:`MaskLogitRows`)."""
+        and resized to the requested ``height``/``width``, then semantic / panoptic / instance
+        inference (:mod:`.postprocessing`; with ``fast_paths``, a band of rows at a time by
+        :mod:`mask2former_d2.accel.postprocessing`)."""
         height = inputs.get("height", image_size[0])
         width = inputs.get("width", image_size[1])
         num_classes = self.sem_seg_head.num_classes
         resize_first = self.sem_seg_postprocess_before_inference
         out_size = (height, width) if resize_first else tuple(image_size)
-        masks = MaskLogitRows(mask_pred, padded_size, image_size, out_size)
         panoptic = instance = None
         if self.panoptic_on:
             panoptic = dict(
@@ -314,35 +356,56 @@ class MaskFormer(nn.Module):
                 thing_ids=self.thing_ids,
                 things_only=self.panoptic_on,
             )
-        labels = self.semantic_labels and resize_first
-        result = retry_if_cuda_oom(postprocess_masks)(
-            mask_cls, masks, semantic=self.semantic_on, panoptic=panoptic, instance=instance,
-            semantic_labels=labels,
-        )
+        if self.fast_paths:
+            masks = banded.MaskLogitRows(mask_pred, padded_size, image_size, out_size)
+            result = retry_if_cuda_oom(banded.postprocess_masks)(
+                mask_cls, masks, semantic=self.semantic_on, panoptic=panoptic, instance=instance,
+                semantic_labels=self.semantic_labels and resize_first,
+            )
+        else:
+            result = retry_if_cuda_oom(_reference_outputs)(
+                mask_cls, upsample_masks(mask_pred, padded_size, image_size, out_size),
+                self.semantic_on, panoptic, instance,
+            )
         if self.semantic_on and not resize_first:
             # (K, h, w) at the image's size -> the requested size.
-            if self.semantic_labels:
-                result["sem_seg"] = retry_if_cuda_oom(semantic_labels)(result["sem_seg"], (height, width))
+            if self.semantic_labels and self.fast_paths:
+                result["sem_seg"] = retry_if_cuda_oom(banded.semantic_labels)(result["sem_seg"], (height, width))
             else:
                 result["sem_seg"] = retry_if_cuda_oom(_resize_output)(
                     result["sem_seg"], image_size, height, width
                 )
+        if self.semantic_on and self.semantic_labels and result["sem_seg"].dim() == 3:
+            result["sem_seg"] = result["sem_seg"].argmax(0)
         return {k: result[k] for k in ("sem_seg", "panoptic_seg", "instances") if k in result}
 
-    def prepare_targets(self, targets: List[Instances], images: ImageList) -> List[Dict[str, Tensor]]:
-        """Pads each image's ground-truth masks to the batch's padded size."""
+    def prepare_targets(
+        self, batched_inputs: List[Dict[str, Any]], images: ImageList
+    ) -> Optional[List[Dict[str, Tensor]]]:
+        """Per image ``labels`` (N,) and ``masks`` (N, Hp, Wp), the ground truth padded to the
+        batch's padded size; None without ``instances``."""
+        if "instances" not in batched_inputs[0]:
+            return None
         h_pad, w_pad = images.tensor.shape[-2:]
         out = []
-        for inst in targets:
-            masks = inst.gt_masks
-            if isinstance(masks, BitMasks):
-                masks = masks.tensor
-            if not isinstance(masks, Tensor):
-                raise TypeError(
-                    "instances.gt_masks must be a BitMasks or a (N, H, W) tensor; got "
-                    f"{type(masks).__name__} (convert polygons with the dataset mapper)"
-                )
+        for i, x in enumerate(batched_inputs):
+            inst = x["instances"].to(self.device)
+            masks = gt_mask_tensor(inst.gt_masks, f"batched_inputs[{i}]['instances']")
             padded = masks.new_zeros((masks.shape[0], h_pad, w_pad))
             padded[:, : masks.shape[1], : masks.shape[2]] = masks
             out.append({"labels": inst.gt_classes, "masks": padded})
         return out
+
+
+def _reference_outputs(
+    mask_cls: Tensor, masks: Tensor, semantic: bool, panoptic: Optional[Dict], instance: Optional[Dict]
+) -> Dict[str, Any]:
+    """The requested outputs of one image from its (Q, H, W) full-resolution mask logits."""
+    result: Dict[str, Any] = {}
+    if semantic:
+        result["sem_seg"] = semantic_inference(mask_cls, masks)
+    if panoptic is not None:
+        result["panoptic_seg"] = panoptic_inference(mask_cls, masks, **panoptic)
+    if instance is not None:
+        result["instances"] = instance_inference(mask_cls, masks, **instance)
+    return result

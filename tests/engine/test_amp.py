@@ -11,9 +11,9 @@ from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+from mask2former_d2.accel import precision
 from mask2former_d2.engine import Trainer
 from mask2former_d2.engine.amp import MaskFormerAMPTrainer
-from mask2former_d2.modeling import precision
 from mask2former_d2.solver import build_optimizer
 from tests.common import make_inputs, tiny_cfg
 

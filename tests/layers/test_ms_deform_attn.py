@@ -9,10 +9,11 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from mask2former_d2.layers import MSDeformAttn, ms_deform_attn
+from mask2former_d2.accel.ms_deform_attn import ms_deform_attn
+from mask2former_d2.layers import MSDeformAttn
 
-# The submodule, not the function of the same name that the package re-exports.
-msda_module = importlib.import_module("mask2former_d2.layers.ms_deform_attn")
+# The module of the fast op (its tuning constants are patched below).
+msda_module = importlib.import_module("mask2former_d2.accel.ms_deform_attn")
 
 
 def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):

@@ -125,25 +125,26 @@ class TestMSDeformAttnPixelDecoder(unittest.TestCase):
         )
         self.assertIs(encoder_out, multi_scale[0])
 
-    def test_inference_chunks_equal_whole_sequence(self):
-        """Without autograd the encoder runs positions in chunks; same outputs as in one go."""
-        from mask2former_d2.modeling.pixel_decoder import msdeformattn
-
+    def test_fast_paths_equal_reference(self):
+        """The fast decoder (embedding_bag sampling, positions in chunks of any size, 1x1 convs as
+        matrix products) gives the reference decoder's outputs (grid_sample, all positions at
+        once, convolutions)."""
         decoder = build_pixel_decoder(make_cfg(), input_shape()).eval()
+        cfg = make_cfg()
+        cfg.MODEL.MASK_FORMER.FAST_PATHS = False
+        reference = build_pixel_decoder(cfg, input_shape()).eval()
+        reference.load_state_dict(decoder.state_dict())
         features = make_features(200, 249)  # S = 7*8 + 13*16 + 25*32 = 1064 positions, B = 2
-        with torch.enable_grad():
-            expected = decoder.forward_features(features)
-        saved = msdeformattn.QUERY_CHUNK
-        try:
-            for chunk in (1, 100, 1063):
-                msdeformattn.QUERY_CHUNK = chunk
-                with torch.no_grad():
-                    got = decoder.forward_features(features)
-                torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
-                for g, e in zip(got[2], expected[2]):
-                    torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-        finally:
-            msdeformattn.QUERY_CHUNK = saved
+        with torch.no_grad():
+            expected = reference.forward_features(features)
+        for chunk in (1, 100, 1063, 2048):
+            for layer in decoder.transformer.encoder.layers:
+                layer.query_chunk = chunk
+            with torch.no_grad():
+                got = decoder.forward_features(features)
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+            for g, e in zip(got[2], expected[2]):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
     def test_channels_last_features_give_the_same_outputs(self):
         """Channels-last backbone maps (a ResNet at CPU inference) keep the FPN channels-last,
@@ -233,14 +234,14 @@ class TestMSDeformAttnPixelDecoder(unittest.TestCase):
 
     def test_reference_points_are_pixel_centres(self):
         shapes = torch.tensor([[2, 3], [1, 2]])
-        ref = MSDeformAttnTransformerEncoder.get_reference_points(shapes, torch.ones(1, 2, 2))
+        ref = MSDeformAttnTransformerEncoder.get_reference_points(shapes, torch.device("cpu"))
         self.assertEqual(tuple(ref.shape), (1, 8, 2, 2))
         expected_first = torch.tensor(
             [[1 / 6, 1 / 4], [3 / 6, 1 / 4], [5 / 6, 1 / 4], [1 / 6, 3 / 4]]
         )
         torch.testing.assert_close(ref[0, :4, 0], expected_first)
         torch.testing.assert_close(ref[0, 6:, 1], torch.tensor([[0.25, 0.5], [0.75, 0.5]]))
-        torch.testing.assert_close(ref[:, :, 0], ref[:, :, 1])  # valid ratios of 1
+        torch.testing.assert_close(ref[:, :, 0], ref[:, :, 1])  # every level entirely valid
 
     def test_bad_config(self):
         with self.assertRaisesRegex(ValueError, "transformer_in_features"):

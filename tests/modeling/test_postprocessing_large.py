@@ -13,7 +13,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from mask2former_d2.modeling.postprocessing import MaskLogitRows, postprocess_masks, semantic_labels
+from mask2former_d2.accel.postprocessing import MaskLogitRows, postprocess_masks, semantic_labels
 from mask2former_d2.predictor import VisualizationDemo, _visualizer
 
 from ..common import make_inputs, tiny_cfg

@@ -15,12 +15,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from mask2former_d2 import get_maskformer_cfg
-from mask2former_d2.modeling import precision
-from mask2former_d2.modeling.precision import emulate_low_precision, output_agreement
+from mask2former_d2.accel import precision
+from mask2former_d2.accel.precision import emulate_low_precision
+from mask2former_d2.evaluation.agreement import output_agreement
 from tests.common import SHARED, make_inputs, requires_fixture, tiny_cfg
 
 # The module (the package's ``ms_deform_attn`` name is the function).
-ms_deform_attn = importlib.import_module("mask2former_d2.layers.ms_deform_attn")
+ms_deform_attn = importlib.import_module("mask2former_d2.accel.ms_deform_attn")
 FIXTURE = os.path.join(SHARED, "fixtures", "parity", "m2f_r18_coco_panoptic")
 
 

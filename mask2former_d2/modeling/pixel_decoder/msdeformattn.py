@@ -24,11 +24,13 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import Tensor, nn
 
+from ...accel.layout import is_channels_last
+from ...accel.ms_deform_attn import EmbeddingBagMSDeformAttn
+from ...accel.pointwise_conv import linear_relu, pointwise_conv
+from ...accel.precision import full_precision, low_precision_inference
 from ...layers.attention import FeedForwardMixin, make_dropout
-from ...layers.ms_deform_attn import MSDeformAttn, ValueTable
-from ...layers.pointwise_conv import is_channels_last, pointwise_conv
+from ...layers.ms_deform_attn import MSDeformAttn, level_sizes
 from ...layers.position_encoding import PositionEmbeddingSine
-from ..precision import full_precision, low_precision_inference
 from .build import PIXEL_DECODER_REGISTRY
 
 __all__ = [
@@ -43,19 +45,11 @@ logger = logging.getLogger(__name__)
 # The published checkpoints use this feed-forward width in the encoder, whatever
 # MODEL.MASK_FORMER.DIM_FEEDFORWARD says (that key sizes the transformer decoder).
 ENCODER_DIM_FEEDFORWARD = 1024
-# Positions per chunk of the encoder layers at inference (see the layer's forward).
+# Positions per chunk of the encoder layers at inference with fast paths (see the layer's
+# forward): intermediates of a few MB that stay in cache.
 QUERY_CHUNK = 2048
 # The transformer decoder always reads the three coarsest outputs.
 NUM_DECODER_LEVELS = 3
-
-
-def level_sizes(spatial_shapes: Union[Tensor, List[Tuple[int, int]]]) -> List[Tuple[int, int]]:
-    """(H_l, W_l) of every level, from the (L, 2) integer tensor or, while torch.export traces,
-    from the list of pairs that stands for it (see
-    :meth:`MSDeformAttnTransformerEncoderOnly.forward`)."""
-    if isinstance(spatial_shapes, Tensor):
-        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    return [(h, w) for h, w in spatial_shapes]
 
 
 def _relu_(x: Tensor) -> Tensor:
@@ -73,6 +67,9 @@ class MSDeformAttnTransformerEncoderLayer(FeedForwardMixin, nn.Module):
         num_levels: feature levels L.
         num_heads: attention heads M.
         num_points: sampling points P per head and level.
+        query_chunk: > 0 (fast paths): without autograd, positions are attended in chunks of
+            this many, with the ``embedding_bag`` sampling and a fused linear + ReLU; 0: the
+            reference formulation, all positions at once.
     """
 
     def __init__(
@@ -84,11 +81,14 @@ class MSDeformAttnTransformerEncoderLayer(FeedForwardMixin, nn.Module):
         num_levels: int = 4,
         num_heads: int = 8,
         num_points: int = 4,
+        query_chunk: int = QUERY_CHUNK,
     ) -> None:
         super().__init__()
+        self.query_chunk = query_chunk
+        attention = EmbeddingBagMSDeformAttn if query_chunk > 0 else MSDeformAttn
         # Construction order matches the published module, so a seeded init draws the same
         # random numbers.
-        self.self_attn = MSDeformAttn(hidden_dim, num_levels, num_heads, num_points)
+        self.self_attn = attention(hidden_dim, num_levels, num_heads, num_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(hidden_dim)
         self._init_feed_forward(hidden_dim, dim_feedforward, dropout)  # linear1, linear2 (ReLU)
@@ -101,20 +101,21 @@ class MSDeformAttnTransformerEncoderLayer(FeedForwardMixin, nn.Module):
         pos: Tensor,
         reference_points: Tensor,
         spatial_shapes: Tensor,
-        level_start_index: Tensor,
         padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """src, pos: (B, S, C); reference_points: (B, S, L, 2). Returns (B, S, C).
 
-        Every position is a query of the same value table, and everything after the value
-        projection is per position: without autograd, positions go through in chunks, so that
-        the intermediates (sampling rows and weights, the feed-forward hidden layer, ...) are a
-        few MB that stay in cache instead of ~100 MB tensors allocated for every layer.
+        Every position is a query of the same values, and everything after the value projection
+        is per position: with ``query_chunk`` and without autograd, positions go through in
+        chunks, so that the intermediates (sampling rows and weights, the feed-forward hidden
+        layer, ...) are a few MB that stay in cache instead of ~100 MB tensors allocated for
+        every layer.
         """
         values = self.self_attn.project_value(src, spatial_shapes, padding_mask)
         s = src.shape[1]
+        chunked = self.query_chunk > 0 and not torch.is_grad_enabled()
         # No chunks while torch.export traces: the loop would need a concrete S.
-        step = s if torch.is_grad_enabled() or torch.compiler.is_exporting() else QUERY_CHUNK
+        step = self.query_chunk if chunked and not torch.compiler.is_exporting() else s
         if step >= s:
             return self._forward_queries(src, pos, reference_points, values)
         out = torch.empty_like(src)
@@ -125,21 +126,15 @@ class MSDeformAttnTransformerEncoderLayer(FeedForwardMixin, nn.Module):
             )
         return out
 
-    def _forward_queries(
-        self, src: Tensor, pos: Tensor, reference_points: Tensor, values: ValueTable
-    ) -> Tensor:
+    def _forward_queries(self, src: Tensor, pos: Tensor, reference_points: Tensor, values: Any) -> Tensor:
         attn = self.self_attn.attend(src + pos, reference_points, values)
         src = self.norm1(src + self.dropout1(attn))
         return self.norm2(src + self.dropout2(self._feed_forward(src)))
 
     def _feed_forward(self, x: Tensor) -> Tensor:
-        """``FeedForwardMixin._feed_forward`` with ReLU, computed faster on the CPU.
-
-        linear1 + ReLU as a plain GEMM with bias and ReLU applied in place: ~15% faster than a
-        linear (whose GEMM starts from a broadcast copy of the bias); the result is the same.
-        """
-        hidden = torch.matmul(x, self.linear1.weight.t()).add_(self.linear1.bias).relu_()
-        return self.linear2(self.dropout(hidden))
+        if self.query_chunk > 0:  # fast paths: linear1 + ReLU fused (accel.pointwise_conv)
+            return self.linear2(self.dropout(linear_relu(self.linear1, x)))
+        return super()._feed_forward(x)
 
 
 class MSDeformAttnTransformerEncoder(nn.Module):
@@ -156,48 +151,35 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         self.num_layers = num_layers
 
     @staticmethod
-    def get_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
-        """Pixel centres of every level, normalised by the valid (unpadded) extent.
+    def get_reference_points(spatial_shapes: Tensor, device: torch.device) -> Tensor:
+        """Pixel centres of every level (none is padded: the decoder never pads its inputs).
 
         Args:
-            spatial_shapes: (L, 2) integer (H_l, W_l).
-            valid_ratios: (B, L, 2) fraction (x, y) of each level that is not padding.
+            spatial_shapes: (L, 2) integer (H_l, W_l) (or the list of pairs while exporting).
+            device: where to make them.
 
         Returns:
-            (B, S, L, 2) normalised (x, y): the centre of each position, expressed in the
-            frame of every level.
+            (1, S, L, 2) normalised (x, y): the centre of each position, the same in the frame
+            of every level.
         """
         points = []
-        for level, (h, w) in enumerate(level_sizes(spatial_shapes)):
-            dtype, device = torch.float32, valid_ratios.device
-            # Centres (i + 0.5) divided by the valid size of the level.
-            ys = (torch.arange(h, dtype=dtype, device=device) + 0.5)[None] / (
-                valid_ratios[:, None, level, 1] * h
-            )  # (B, H)
-            xs = (torch.arange(w, dtype=dtype, device=device) + 0.5)[None] / (
-                valid_ratios[:, None, level, 0] * w
-            )  # (B, W)
-            grid = torch.stack(
-                (xs[:, None, :].expand(-1, h, w), ys[:, :, None].expand(-1, h, w)), -1
-            )  # (B, H, W, 2)
-            points.append(grid.reshape(grid.shape[0], h * w, 2))
-        reference_points = torch.cat(points, 1)  # (B, S, 2)
-        return reference_points[:, :, None] * valid_ratios[:, None]  # (B, S, L, 2)
+        for h, w in level_sizes(spatial_shapes):
+            ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h  # (H,)
+            xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w  # (W,)
+            grid = torch.stack((xs[None, :].expand(h, w), ys[:, None].expand(h, w)), -1)  # (H, W, 2)
+            points.append(grid.reshape(h * w, 2))
+        num_levels = len(points)
+        return torch.cat(points, 0)[None, :, None].expand(-1, -1, num_levels, -1)  # (1, S, L, 2)
 
     def forward(
-        self,
-        src: Tensor,
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-        valid_ratios: Tensor,
-        pos: Tensor,
-        padding_mask: Optional[Tensor] = None,
+        self, src: Tensor, spatial_shapes: Tensor, pos: Tensor, padding_mask: Optional[Tensor] = None
     ) -> Tensor:
-        """src, pos: (B, S, C); valid_ratios: (B, L, 2). Returns (B, S, C)."""
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios)
+        """src, pos: (B, S, C). Returns (B, S, C)."""
+        reference_points = self.get_reference_points(spatial_shapes, src.device)
+        reference_points = reference_points.expand(src.shape[0], -1, -1, -1)  # (B, S, L, 2)
         out = src
         for layer in self.layers:
-            out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            out = layer(out, pos, reference_points, spatial_shapes, padding_mask)
         return out
 
 
@@ -212,6 +194,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         dropout: dropout probability.
         num_feature_levels: levels L.
         num_points: sampling points P per head and level.
+        query_chunk: see :class:`MSDeformAttnTransformerEncoderLayer` (0 = reference).
     """
 
     def __init__(
@@ -224,6 +207,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         dropout: float = 0.1,
         num_feature_levels: int = 4,
         num_points: int = 4,
+        query_chunk: int = QUERY_CHUNK,
     ) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
@@ -235,6 +219,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             num_levels=num_feature_levels,
             num_heads=num_heads,
             num_points=num_points,
+            query_chunk=query_chunk,
         )
         self.encoder = MSDeformAttnTransformerEncoder(layer, num_encoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
@@ -251,17 +236,15 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
                 module._reset_parameters()
         nn.init.normal_(self.level_embed)
 
-    def forward(
-        self, srcs: List[Tensor], pos_embeds: List[Tensor]
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, srcs: List[Tensor], pos_embeds: List[Tensor]) -> Tuple[Tensor, Any]:
         """
         Args:
             srcs: L maps (B, C, H_l, W_l), lowest resolution first.
             pos_embeds: matching position encodings (B, C, H_l, W_l).
 
         Returns:
-            memory (B, S, C), spatial_shapes (L, 2) long (H_l, W_l), level_start_index (L,) long
-            (both plain lists of ints while torch.export traces).
+            memory (B, S, C) and spatial_shapes (L, 2) long (H_l, W_l) (a plain list of pairs
+            while torch.export traces).
         """
         if len(srcs) != self.level_embed.shape[0] or len(pos_embeds) != len(srcs):
             raise ValueError(
@@ -276,25 +259,13 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             pos_flatten.append(pos + self.level_embed[level].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)  # (B, S, C)
         pos_flatten = torch.cat(pos_flatten, 1)
-        device = src_flatten.device
         if torch.compiler.is_exporting():
             # Symbolic sizes (dynamic height and width) do not survive a round trip through a
             # tensor: the levels are described by the (H_l, W_l) pairs themselves.
             spatial_shapes = sizes
-            level_start_index = [sum(h * w for h, w in sizes[:i]) for i in range(len(sizes))]
         else:
-            spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)  # (L, 2)
-            level_start_index = torch.cat(
-                (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])
-            )
-        # This decoder never pads its inputs: every level is entirely valid.
-        valid_ratios = torch.ones(
-            src_flatten.shape[0], len(srcs), 2, dtype=torch.float32, device=device
-        )
-        memory = self.encoder(
-            src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten
-        )
-        return memory, spatial_shapes, level_start_index
+            spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=src_flatten.device)  # (L, 2)
+        return self.encoder(src_flatten, spatial_shapes, pos_flatten), spatial_shapes
 
 
 @PIXEL_DECODER_REGISTRY.register()
@@ -304,7 +275,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
     Returns mask features at ``common_stride``, the encoder output of the coarsest level and
     three multi-scale maps (strides 32, 16, 8 with the default features) for the transformer
     decoder. Runs in float32 even under autocast (training with AMP), as the published
-    implementation does; at low-precision inference (:mod:`..precision`) its convolutions and
+    implementation does; at low-precision inference (:mod:`mask2former_d2.accel.precision`) its convolutions and
     linear layers run in that precision, the deformable sampling in float32.
     """
 
@@ -323,6 +294,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         transformer_in_features: List[str],
         common_stride: int,
         transformer_n_points: int = 4,
+        fast_paths: bool = True,
     ) -> None:
         """
         Args:
@@ -339,6 +311,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             common_stride: stride of the mask features; finer input features down to it are
                 merged in FPN style.
             transformer_n_points: sampling points per head and level.
+            fast_paths: build the fast formulations of :mod:`mask2former_d2.accel` (the
+                ``embedding_bag`` sampling in chunks of positions, 1x1 convolutions as matrix
+                products) instead of the reference ones.
         """
         super().__init__()
         if not input_shape:
@@ -400,10 +375,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
             dropout=transformer_dropout,
             num_feature_levels=self.transformer_num_feature_levels,
             num_points=transformer_n_points,
+            query_chunk=QUERY_CHUNK if fast_paths else 0,
         )
+        self.fast_paths = fast_paths
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
 
-        self.mask_dim = mask_dim
         self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1, stride=1, padding=0)
         weight_init.c2_xavier_fill(self.mask_features)
 
@@ -463,6 +439,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
             "common_stride": head.COMMON_STRIDE,
             "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
+            "fast_paths": cfg.MODEL.MASK_FORMER.FAST_PATHS,
         }
 
     def forward_features(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
@@ -492,9 +469,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx, name in enumerate(self.transformer_in_features[::-1]):  # coarsest first
             x = cast(features[name])
             conv, norm = self.input_proj[idx]
-            srcs.append(norm(pointwise_conv(conv, x)))
+            srcs.append(norm(self._conv1x1(conv, x)))
             pos.append(self.pe_layer(x))
-        memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)  # (B, S, C)
+        memory, spatial_shapes = self.transformer(srcs, pos)  # (B, S, C)
 
         b, c = memory.shape[0], memory.shape[2]
         sizes = level_sizes(spatial_shapes)
@@ -517,7 +494,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for name, lateral_conv, output_conv in zip(
             fine_names, self.lateral_convs, self.output_convs
         ):
-            lateral = pointwise_conv(lateral_conv, cast(features[name]))
+            lateral = self._conv1x1(lateral_conv, cast(features[name]))
             up = F.interpolate(
                 out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
             )
@@ -525,4 +502,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             out.append(output_conv(lateral.add_(up)))
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
-        return pointwise_conv(self.mask_features, out[-1]), out[0], multi_scale_features
+        return self._conv1x1(self.mask_features, out[-1]), out[0], multi_scale_features
+
+    def _conv1x1(self, conv: nn.Module, x: Tensor) -> Tensor:
+        """``conv(x)`` for a 1x1 convolution; as matrix products with fast paths."""
+        return pointwise_conv(conv, x) if self.fast_paths else conv(x)

@@ -17,6 +17,8 @@ from detectron2.config import CfgNode, configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ...accel.layout import resize_per_channel
+from ...accel.precision import full_precision, low_precision_inference
 from ...layers.attention import (
     CrossAttentionLayer,
     FFNLayer,
@@ -24,9 +26,7 @@ from ...layers.attention import (
     flatten_hw,
     input_projection,
 )
-from ...layers.pointwise_conv import is_channels_last
 from ...layers.position_encoding import PositionEmbeddingSine
-from ..precision import full_precision, low_precision_inference
 from .build import TRANSFORMER_DECODER_REGISTRY
 from .heads import QueryHeadsMixin, check_num_heads
 
@@ -237,7 +237,7 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
                     ).view(mask_logits.shape[:-2] + sizes[lvl])  # (B, Q, [T,] H_l, W_l)
                 else:
                     if lvl not in level_mask_features:
-                        level_mask_features[lvl] = _resize_per_channel(mask_features, sizes[lvl])
+                        level_mask_features[lvl] = resize_per_channel(mask_features, sizes[lvl])
                     low = self._mask_logits(embed, level_mask_features[lvl])
                 attn_mask = self._attention_mask(low)
 
@@ -279,7 +279,8 @@ class MultiScaleMaskedTransformerDecoder(QueryHeadsMixin, nn.Module):
     def _memory_position(self, feat: Tensor, frames: int) -> Tensor:
         """(1, S_l, C) position encoding of one clip's memory at a level, from its
         (B*T, C, H_l, W_l) features; it does not depend on the clip's content."""
-        return flatten_hw(self.pe_layer(feat[:1]))
+        # Contiguous: the keys (memory + pos) then keep the layout of the memory.
+        return flatten_hw(self.pe_layer(feat[:1])).contiguous()
 
     def _mask_logits(self, embed: Tensor, mask_features: Tensor) -> Tensor:
         """(B, Q, Hm, Wm) mask logits from (B, Q, E) embeddings and (B, E, Hm, Wm) features."""
@@ -292,19 +293,3 @@ def _blocked_pixels(mask_logits: Tensor) -> Tensor:
     below 0.5, except for queries that would be fully blocked, which attend everywhere."""
     blocked = (mask_logits.detach().sigmoid() < 0.5).flatten(2)  # (B, Q, [T*]h*w)
     return blocked & ~blocked.all(dim=-1, keepdim=True)
-
-
-def _resize_per_channel(x: Tensor, size: Tuple[int, int]) -> Tensor:
-    """Bilinear resize (align_corners=False) of (B, E, H, W) to (B, E, *size).
-
-    Resizing the channels as separate single-channel images gives the same values as
-    ``F.interpolate(x, size)`` (up to rounding) without the full-size layout copy the CPU
-    kernel makes for many-channel inputs.
-    """
-    if is_channels_last(x):
-        # Channels-last is the layout the CPU kernel wants: no copy to avoid.
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    b, e = x.shape[:2]
-    flat = x.reshape(b * e, 1, x.shape[-2], x.shape[-1])  # (B*E, 1, H, W)
-    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
-    return out.view(b, e, size[0], size[1])

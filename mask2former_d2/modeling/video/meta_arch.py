@@ -10,13 +10,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.structures import ImageList, Instances
 from torch import Tensor
 from torch.nn import functional as F
 
-from ...layers.pointwise_conv import is_channels_last
-from ..meta_arch import MaskFormer
-from ..postprocessing import MaskLogitRows
+from ...accel.layout import is_channels_last
+from ...accel.postprocessing import MaskLogitRows
+from ..meta_arch import MaskFormer, check_image, gt_mask_tensor
+from ..postprocessing import upsample_masks
 from .windows import WindowTracks
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,16 @@ class VideoMaskFormer(MaskFormer):
     through the backbone and the pixel decoder as images, the transformer decoder
     (:class:`VideoMultiScaleMaskedTransformerDecoder`) attends over all of them at once.
 
-    Training returns the weighted losses of the criterion (the image one: a clip's masks are
-    (N, T, H, W), points are shared by the frames of a clip). Inference takes one clip and
+    Training clips also carry ``instances``: T per-frame Instances holding the same N tracks in
+    the same order (``gt_classes``, ``gt_ids`` (-1 where absent), ``gt_masks``). Training, input
+    checks, the loss and the inference precision are the image model's (hooks of
+    :class:`MaskFormer`); training returns the weighted losses of the criterion (the image one: a
+    clip's masks are (N, T, H, W), points are shared by the frames of a clip). Inference takes one clip and
     returns the published per-video dict: ``image_size``, ``pred_scores``, ``pred_labels`` and
     ``pred_masks`` (the ``test_topk_per_video`` best (query, class) pairs, best first; boolean
     (T, H, W) masks). Beyond the published model, inference runs the backbone and pixel decoder
     over ``frame_chunk_size`` frames at a time and makes the full-resolution masks one frame at a
-    time (same outputs, memory no longer dominated by T x full-size masks), and can process long
+    time (same outputs, memory not dominated by T x full-size masks), and can process long
     clips in overlapping windows (``window_size`` > 0; changes outputs, see
     :class:`~.windows.WindowTracks`).
     """
@@ -91,19 +95,17 @@ class VideoMaskFormer(MaskFormer):
         ret.update(semantic_on=False, panoptic_on=False, instance_on=True)
         ret["sem_seg_postprocess_before_inference"] = True
         del ret["test_topk_per_image"]
-        # .get: a config whose MODEL.MASK_FORMER was (re)made after add_maskformer2_video_config
-        # lacks these keys; their defaults are the published behaviour.
         ret.update(
-            num_frames=cfg.INPUT.get("SAMPLING_FRAME_NUM", 2),
-            frame_chunk_size=test.get("FRAME_CHUNK_SIZE", 8),
-            test_topk_per_video=test.get("TOPK_PER_VIDEO", 10),
-            window_size=test.get("WINDOW_SIZE", 0),
-            window_overlap=test.get("WINDOW_OVERLAP", 0),
+            num_frames=cfg.INPUT.SAMPLING_FRAME_NUM,
+            frame_chunk_size=test.FRAME_CHUNK_SIZE,
+            test_topk_per_video=test.TOPK_PER_VIDEO,
+            window_size=test.WINDOW_SIZE,
+            window_overlap=test.WINDOW_OVERLAP,
         )
         return ret
 
     # ------------------------------------------------------------------ inputs
-    def _frames(self, batched_inputs: List[Dict[str, Any]]) -> List[Tensor]:
+    def _input_images(self, batched_inputs: List[Dict[str, Any]]) -> List[Tensor]:
         """All frames of the batch, clip-major, checked: list of (C, H, W) tensors."""
         channels = self.pixel_mean.shape[0]
         frames = []
@@ -114,18 +116,8 @@ class VideoMaskFormer(MaskFormer):
                     f"batched_inputs[{i}]['image'] must be a non-empty list of ({channels}, H, W) "
                     f"frames; got {type(clip).__name__}"
                 )
-            for t, frame in enumerate(clip):
-                if not isinstance(frame, Tensor) or frame.dim() != 3 or frame.shape[0] != channels:
-                    got = tuple(frame.shape) if isinstance(frame, Tensor) else type(frame).__name__
-                    raise ValueError(
-                        f"batched_inputs[{i}]['image'][{t}] must be a ({channels}, H, W) tensor in "
-                        f"INPUT.FORMAT channel order; got {got}"
-                    )
-                frames.append(frame)
+            frames += [check_image(f, channels, f"batched_inputs[{i}]['image'][{t}]") for t, f in enumerate(clip)]
         return frames
-
-    def _normalize(self, frame: Tensor) -> Tensor:
-        return (frame.to(self.device) - self.pixel_mean) / self.pixel_std
 
     def _padded_size(self, frames: Sequence[Tensor]) -> Tuple[int, int]:
         """(Hp, Wp): the largest frame size rounded up to ``size_divisibility``."""
@@ -137,30 +129,11 @@ class VideoMaskFormer(MaskFormer):
         return h, w
 
     # ----------------------------------------------------------------- forward
-    def forward(self, batched_inputs: List[Dict[str, Any]]):
-        """
-        Args:
-            batched_inputs: one dict per clip with ``image``, a list of T (C, H, W) frames, and
-                for training ``instances``, T per-frame Instances holding the same N tracks in the
-                same order (``gt_classes``, ``gt_ids`` (-1 where absent), ``gt_masks``); for
-                inference a single clip, optionally with the output ``height`` and ``width``.
-
-        Returns:
-            training: dict of weighted losses. Inference: the clip's dict with ``image_size``
-            (H, W), ``pred_scores`` and ``pred_labels`` (lists) and ``pred_masks`` (list of
-            boolean (T, H, W) tensors).
-        """
-        frames = self._frames(batched_inputs)
-        if self.training:
-            if self.criterion is None:
-                raise RuntimeError("this VideoMaskFormer was built without a criterion; it cannot train")
-            images = ImageList.from_tensors([self._normalize(f) for f in frames], self.size_divisibility)
-            outputs = self.sem_seg_head(self.backbone(images.tensor))
-            targets = self.prepare_targets(batched_inputs, images)
-            losses = self.criterion(outputs, targets)
-            weights = self.criterion.weight_dict
-            return {k: v * weights[k] for k, v in losses.items() if k in weights}
-
+    def inference(self, batched_inputs: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """Eval-mode output of a single clip (optionally with the output ``height`` and
+        ``width``): ``image_size`` (H, W), ``pred_scores`` and ``pred_labels`` (lists) and
+        ``pred_masks`` (list of boolean (T, H, W) tensors)."""
+        frames = self._input_images(batched_inputs)
         if len(batched_inputs) != 1:
             raise ValueError(
                 f"VideoMaskFormer inference takes one video per batch; got {len(batched_inputs)}"
@@ -176,38 +149,40 @@ class VideoMaskFormer(MaskFormer):
         mask_cls, embed, mask_features = self._decode_clip(frames, padded_size)
 
         def frame_logits(queries: Tensor, t: int) -> Tensor:
-            return torch.einsum("pe,ehw->phw", embed[queries], mask_features[t])
+            return torch.einsum("pe,ehw->phw", embed[queries], mask_features[t].to(embed.dtype))
 
         return self.inference_video(mask_cls, frame_logits, len(frames), padded_size, image_size, out_size)
 
     def _decode_clip(self, frames: Sequence[Tensor], padded_size: Tuple[int, int]) -> Tuple[Tensor, Tensor, Tensor]:
         """One clip through the model: class logits (Q, K+1), final mask embeddings (Q, E) and
         mask features (T, E, Hm, Wm) (mask logits = their product, made only for the queries
-        kept). The backbone and pixel decoder run over ``frame_chunk_size`` frames at a time,
-        their outputs written into clip-long buffers."""
+        kept; in the inference precision, the rest float32). The backbone and pixel decoder run
+        over ``frame_chunk_size`` frames at a time, their outputs written into clip-long
+        buffers."""
         num = len(frames)
         chunk = self.frame_chunk_size if self.frame_chunk_size > 0 else num
         head = self.sem_seg_head
         x = mask_features = None
-        for start in range(0, num, chunk):
-            part = frames[start : start + chunk]
-            batch = self.pixel_mean.new_zeros((len(part), self.pixel_mean.shape[0]) + tuple(padded_size))
-            for i, f in enumerate(part):
-                batch[i, :, : f.shape[-2], : f.shape[-1]] = self._normalize(f)
-            x_part, mf_part = head.decoder_inputs(self.backbone(self._backbone_input(batch)))
-            del batch
-            if chunk >= num:
-                x, mask_features = x_part, mf_part
+        with self.inference_precision():
+            for start in range(0, num, chunk):
+                part = frames[start : start + chunk]
+                batch = self.pixel_mean.new_zeros((len(part), self.pixel_mean.shape[0]) + tuple(padded_size))
+                for i, f in enumerate(part):
+                    batch[i, :, : f.shape[-2], : f.shape[-1]] = self._normalize(f)
+                x_part, mf_part = head.decoder_inputs(self.backbone(self._backbone_input(batch)))
+                del batch
+                if chunk >= num:
+                    x, mask_features = x_part, mf_part
+                    del x_part, mf_part
+                    break
+                x = _write_frames(x, x_part, start, num)
+                mask_features = _write_frames(mask_features, mf_part, start, num)
                 del x_part, mf_part
-                break
-            x = _write_frames(x, x_part, start, num)
-            mask_features = _write_frames(mask_features, mf_part, start, num)
-            del x_part, mf_part
-        # Handed over without a reference kept here, so the decoder can free the level maps.
-        levels = [x]
-        del x
-        outputs = head.predictor(levels.pop(), mask_features, final_masks=False)
-        return outputs["pred_logits"][0], outputs["pred_mask_embed"][0], mask_features
+            # Handed over without a reference kept here, so the decoder can free the level maps.
+            levels = [x]
+            del x
+            outputs = head.predictor(levels.pop(), mask_features, final_masks=False)
+        return outputs["pred_logits"][0].float(), outputs["pred_mask_embed"][0].float(), mask_features
 
     def inference_video(
         self,
@@ -218,7 +193,7 @@ class VideoMaskFormer(MaskFormer):
         image_size: Tuple[int, int],
         out_size: Tuple[int, int],
     ) -> Dict[str, Any]:
-        """The published per-video output (PARITY_NOTES 16) from (Q, K+1) class logits and
+        """The published per-video output from (Q, K+1) class logits and
         ``frame_logits(queries, t)``, the (P, Hm, Wm) mask logits of the given queries in frame
         t: the best (query, class) pairs over the flattened Q x K softmax scores (no-object
         dropped), their masks upsampled to the padded size, cropped to the frame, resized to
@@ -229,7 +204,7 @@ class VideoMaskFormer(MaskFormer):
         top_scores, top_idx = scores.flatten().topk(k)
         labels = top_idx % num_classes
         queries = top_idx // num_classes
-        masks = _video_masks(frame_logits, queries, num_frames, padded_size, image_size, out_size)
+        masks = _video_masks(frame_logits, queries, num_frames, padded_size, image_size, out_size, self.fast_paths)
         return {
             "image_size": out_size,
             "pred_scores": top_scores.tolist(),
@@ -248,7 +223,7 @@ class VideoMaskFormer(MaskFormer):
         tracks = WindowTracks(len(frames), self.window_size, self.window_overlap)
         for start, stop in tracks.windows():
             mask_cls, embed, mask_features = self._decode_clip(frames[start:stop], padded_size)
-            tracks.add(start, mask_cls, torch.einsum("qe,tehw->qthw", embed, mask_features))
+            tracks.add(start, mask_cls, torch.einsum("qe,tehw->qthw", embed, mask_features.to(embed.dtype)))
             del mask_features
         return self.inference_video(
             tracks.class_logits(), tracks.frame_logits, len(frames), padded_size, image_size, out_size
@@ -276,13 +251,7 @@ class VideoMaskFormer(MaskFormer):
                         f"batched_inputs[{i}]['instances'][{t}] has {len(inst)} tracks, frame 0 has {num}; "
                         "every frame must hold all tracks of the clip (gt_ids -1 where absent)"
                     )
-                m = inst.gt_masks
-                m = m.tensor if isinstance(m, BitMasks) else m
-                if not isinstance(m, Tensor):
-                    raise TypeError(
-                        f"batched_inputs[{i}]['instances'][{t}].gt_masks must be a BitMasks or a (N, H, W) "
-                        f"tensor; got {type(m).__name__} (convert polygons with the dataset mapper)"
-                    )
+                m = gt_mask_tensor(inst.gt_masks, f"batched_inputs[{i}]['instances'][{t}]")
                 masks[:, t, : m.shape[-2], : m.shape[-1]] = m.to(self.device, torch.bool)
                 ids.append(inst.gt_ids.to(self.device))
             ids = torch.stack(ids, dim=1) if ids else torch.zeros((num, 0), dtype=torch.long)  # (N, T)
@@ -319,12 +288,17 @@ def _video_masks(
     padded_size: Tuple[int, int],
     image_size: Tuple[int, int],
     out_size: Tuple[int, int],
+    fast_paths: bool,
 ) -> Tensor:
-    """(P, T, H, W) bool masks of the P ``queries``: logit > 0 after the published resize chain;
-    only one frame's full-resolution logits exist at a time."""
+    """(P, T, H, W) bool masks of the P ``queries``: logit > 0 after the published resize chain
+    (:func:`~..postprocessing.upsample_masks`, or its banded form with ``fast_paths``); only one
+    frame's full-resolution logits exist at a time."""
     out = torch.empty((len(queries), num_frames) + tuple(out_size), dtype=torch.bool, device=queries.device)
     for t in range(num_frames):
         low = frame_logits(queries, t)  # (P, Hm, Wm)
-        rows = MaskLogitRows(low, padded_size, image_size, out_size).rows(0, out_size[0])  # (H, W, P)
-        out[:, t] = (rows > 0).permute(2, 0, 1)
+        if fast_paths:
+            rows = MaskLogitRows(low, padded_size, image_size, out_size).rows(0, out_size[0])  # (H, W, P)
+            out[:, t] = (rows > 0).permute(2, 0, 1)
+        else:
+            out[:, t] = upsample_masks(low, padded_size, image_size, out_size) > 0
     return out

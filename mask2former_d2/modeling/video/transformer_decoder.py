@@ -48,7 +48,7 @@ class VideoMultiScaleMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder
     @classmethod
     def from_config(cls, cfg: CfgNode, in_channels: int, mask_classification: bool) -> Dict[str, Any]:
         ret = super().from_config(cfg, in_channels, mask_classification)
-        ret["num_frames"] = cfg.INPUT.get("SAMPLING_FRAME_NUM", 2)
+        ret["num_frames"] = cfg.INPUT.SAMPLING_FRAME_NUM
         return ret
 
     def _clip_layout(self, mask_features: Tensor) -> Tuple[int, int]:

@@ -58,7 +58,7 @@ class TestInference(unittest.TestCase):
     def test_masks_follow_published_resize_chain(self):
         # Reference: the published order on the whole clip at once (all T x H x W logits).
         model = self.model
-        frames = model._frames([self.clip])
+        frames = model._input_images([self.clip])
         padded = model._padded_size(frames)
         cls_logits, embed, mask_features = model._decode_clip(frames, padded)
         mask_logits = torch.einsum("qe,tehw->qthw", embed, mask_features)

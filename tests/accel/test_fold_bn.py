@@ -7,8 +7,8 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
 
+from mask2former_d2.accel.fold_bn import FoldedFrozenBNConv2d, fold_frozen_batchnorm
 from mask2former_d2.config import get_maskformer_cfg
-from mask2former_d2.modeling.backbone.fold_bn import FoldedFrozenBNConv2d, fold_frozen_batchnorm
 from tests.common import ROOT
 
 R50 = f"{ROOT}/configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"

@@ -6,7 +6,7 @@ from detectron2.layers import Conv2d
 from torch import nn
 from torch.nn import functional as F
 
-from mask2former_d2.layers import pointwise_conv
+from mask2former_d2.accel.pointwise_conv import pointwise_conv
 
 
 class TestPointwiseConv(unittest.TestCase):

@@ -1,23 +1,25 @@
-"""1x1 convolutions as matrix products on the CPU."""
+"""1x1 convolutions and linear + ReLU layers as plain matrix products.
+
+Shapes: B batch, C_in/C_out channels, H/W spatial."""
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["is_channels_last", "pointwise_conv"]
+from .layout import is_channels_last
+
+__all__ = ["linear_relu", "pointwise_conv"]
 
 
 def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``conv(x)`` for a 1x1, stride-1, unpadded, ungrouped convolution, computed on the CPU as
-    matrix products. A (B, C, H, W) NCHW input is one product per image,
+    """``conv(x)`` for a 1x1, stride-1, unpadded, ungrouped convolution, computed as matrix
+    products. A (B, C, H, W) NCHW input is one product per image,
     (C_out, C_in) @ (C_in, H * W), bias added by the same BLAS call; a channels-last input is
     one product over all pixels, (B * H * W, C_in) @ (C_in, C_out), and its output stays
-    channels-last. At the FPN's stride-4 sizes that is 30-40% faster than oneDNN's convolution
-    (which also goes through a layout conversion); other devices and other convolutions run
-    ``conv`` itself. A Detectron2 ``Conv2d``'s ``norm`` and ``activation`` are applied as its
-    forward would."""
+    channels-last. At the FPN's stride-4 sizes this beats oneDNN's CPU convolution, which also
+    goes through a layout conversion (see benchmarks/). Other convolutions run ``conv`` itself. A
+    Detectron2 ``Conv2d``'s ``norm`` and ``activation`` are applied as its forward would."""
     plain = (
-        x.device.type == "cpu"
-        and not torch.compiler.is_exporting()  # the per-image loop needs a concrete batch size
+        not torch.compiler.is_exporting()  # the per-image loop needs a concrete batch size
         and x.dim() == 4
         and type(conv).forward in (nn.Conv2d.forward, _d2_conv_forward())
         and conv.kernel_size == (1, 1)
@@ -52,17 +54,13 @@ def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return y
 
 
+def linear_relu(linear: nn.Linear, x: Tensor) -> Tensor:
+    """``relu(linear(x))`` as a plain GEMM with the bias and the ReLU applied in place (a
+    linear's GEMM starts from a broadcast copy of the bias); the same values and gradients."""
+    return torch.matmul(x, linear.weight.t()).add_(linear.bias).relu_()
+
+
 def _d2_conv_forward():
     from detectron2.layers import Conv2d
 
     return Conv2d.forward
-
-
-def is_channels_last(x: Tensor) -> bool:
-    """Whether a 4-d ``x`` is laid out channels-last and not also plainly contiguous (as a 1x1
-    map or a single channel would be): the layout a ResNet's features have at CPU inference."""
-    return (
-        x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous()
-    )
