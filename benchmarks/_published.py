@@ -8,6 +8,10 @@ process only. Get it with::
     tar -xzf /tmp/ref_pub/maskformer2-0.1.tar.gz -C /tmp/ref_pub    # -> /tmp/ref_pub/maskformer2-0.1
 
 and pass that directory with ``--published`` (or set ``$M2F_PUBLISHED``).
+
+PEM's published code (package ``pem``) is handled the same way: ``git clone
+https://github.com/NiccoloCavagnero/PEM`` then ``git checkout 2dfeb3d`` in it, and pass the clone
+with ``--published-pem`` (or set ``$PEM_PUBLISHED``); see :func:`import_published_pem`.
 """
 
 import json
@@ -20,6 +24,8 @@ import types
 from typing import Dict, List, Optional
 
 DEFAULT_PUBLISHED = os.environ.get("M2F_PUBLISHED", "/tmp/ref_pub/maskformer2-0.1")
+DEFAULT_PUBLISHED_PEM = os.environ.get("PEM_PUBLISHED", "/tmp/pem_pub")
+PEM_COMMIT = "2dfeb3d"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_PREFIX = "BENCH_RESULT "
 
@@ -89,6 +95,75 @@ def import_published(path: str) -> List[str]:
 
     if not os.path.abspath(mask2former.__file__).startswith(os.path.abspath(path)):
         sys.exit(f"imported mask2former from {mask2former.__file__}, not from {path}")
+    return patches
+
+
+def check_published_pem(path: str) -> None:
+    """Exits with one line if ``path`` does not hold PEM's published code."""
+    if not os.path.isfile(os.path.join(path, "pem", "__init__.py")):
+        sys.exit(
+            f"PEM's published code not found: {os.path.join(path, 'pem')} is missing; get it with "
+            f"`git clone https://github.com/NiccoloCavagnero/PEM` and `git checkout {PEM_COMMIT}` in it"
+        )
+
+
+def _modulated_deform_conv_standin():
+    """A module with the signature, parameters and output of Detectron2's ``ModulatedDeformConv``
+    (DCNv2) that computes through ``torchvision.ops.deform_conv2d``: both read the offsets as
+    interleaved (dy, dx) pairs per kernel tap and take the modulation mask as given."""
+    import torch
+    from torch.nn.modules.utils import _pair
+    from torchvision.ops import deform_conv2d
+
+    class ModulatedDeformConv(torch.nn.Module):
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                     groups=1, deformable_groups=1, bias=True, norm=None, activation=None):
+            super().__init__()
+            self.kernel_size = _pair(kernel_size)
+            self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+            # torchvision infers the groups from the weight's shape and the deformable groups
+            # from the offsets' channels, so neither is passed at call time.
+            self.groups, self.deformable_groups = groups, deformable_groups
+            self.norm, self.activation = norm, activation
+            self.weight = torch.nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+            self.bias = torch.nn.Parameter(torch.zeros(out_channels)) if bias else None
+            torch.nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
+
+        def forward(self, x, offset, mask):
+            x = deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                              dilation=self.dilation, mask=mask)
+            if self.norm is not None:
+                x = self.norm(x)
+            return self.activation(x) if self.activation is not None else x
+
+    return ModulatedDeformConv
+
+
+def import_published_pem(path: str) -> List[str]:
+    """Imports PEM's published package ``pem`` from ``path`` in this (worker) process, after the
+    stand-ins its imports need on this environment. Returns what was patched, one line each."""
+    check_published_pem(path)
+    patches = []
+    try:
+        from detectron2 import _C  # noqa: F401
+    except ImportError:
+        # Without the compiled _C, detectron2.layers exports a placeholder that raises when built;
+        # PEM's pixel decoder imports the name at module level, so the stand-in goes in first.
+        import detectron2.layers
+        import detectron2.layers.deform_conv
+
+        standin = _modulated_deform_conv_standin()
+        detectron2.layers.ModulatedDeformConv = standin
+        detectron2.layers.deform_conv.ModulatedDeformConv = standin
+        patches.append(
+            "stand-in detectron2.layers.ModulatedDeformConv computing through torchvision.ops.deform_conv2d "
+            "(same parameters, same offset layout): no detectron2._C"
+        )
+    sys.path.insert(0, path)
+    import pem
+
+    if not os.path.abspath(pem.__file__).startswith(os.path.abspath(path)):
+        sys.exit(f"imported pem from {pem.__file__}, not from {path}")
     return patches
 
 

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from _common import time_stages
+from _common import output_digest, time_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(
@@ -84,7 +84,7 @@ def _measure(args) -> dict:
     runs = []
     with torch.no_grad():
         warm = model(inputs)[0]  # warm-up
-    out_counts = _digest(warm)
+    out_counts = output_digest(warm)
     if args.save_outputs:  # for the deviation of this precision from fp32
         torch.save(warm, args.save_outputs)
     if args.save_weights:  # the weights measured here, for another implementation to load
@@ -114,21 +114,6 @@ def _measure(args) -> dict:
         flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         out["gflops"] = flops.total() / 1e9
         out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    return out
-
-
-def _digest(output) -> dict:
-    """A few numbers that tell whether two implementations gave the same outputs."""
-    out = {"segments": 0, "instances": 0}
-    if "panoptic_seg" in output:
-        out["segments"] = len(output["panoptic_seg"][1])
-    if "instances" in output:
-        inst = output["instances"]
-        out["instances"] = len(inst)
-        out["instance_score_sum"] = float(inst.scores.sum())
-        out["instance_mask_pixels"] = int(inst.pred_masks.sum())
-    if "sem_seg" in output:
-        out["sem_seg_mean"] = float(output["sem_seg"].double().mean())
     return out
 
 

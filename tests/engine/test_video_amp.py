@@ -10,10 +10,10 @@ from unittest import mock
 import torch
 from detectron2.utils.events import EventStorage
 
+from mask2former_d2.accel import precision
 from mask2former_d2.config import get_maskformer_cfg
 from mask2former_d2.engine import VideoTrainer
 from mask2former_d2.engine.amp import MaskFormerAMPTrainer
-from mask2former_d2.accel import precision
 from tests.common import ROOT
 from tests.modeling.video.common import make_clip
 
