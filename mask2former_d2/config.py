@@ -466,7 +466,9 @@ def validate_cfg(cfg: CN, *, datasets: bool = True, num_processes: int = 1, trai
                 if name not in registered:
                     raise ValueError(_unknown_name(key, name, registered, listed=False))
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
+        # Inference reads only the test datasets (their metadata names the classes); the
+        # training sets a config inherits are not used then.
+        for key in ("DATASETS.TRAIN", "DATASETS.TEST") if training else ("DATASETS.TEST",):
             for name in _get(cfg, key):
                 needed, field = _dataset_classes(cfg, name)
                 if needed is not None and num_classes < needed:
