@@ -11,7 +11,7 @@ them), never per call from the device; see docs/layout.md for the map.
   (reference: :mod:`mask2former_d2.modeling.postprocessing`).
 - :mod:`.ms_deform_attn`: deformable-attention sampling as one ``embedding_bag`` per query and
   head (reference: ``grid_sample`` in :mod:`mask2former_d2.layers.ms_deform_attn`).
-- :mod:`.fold_bn`: frozen batch norms folded into their convolutions at inference.
+- :mod:`.fold_bn`: batch norms (frozen, or in eval mode) folded into their convolutions at inference.
 - :mod:`.pointwise_conv`: 1x1 convolutions and linear + ReLU as matrix products (reference: the
   layers themselves).
 - :mod:`.layout`: channels-last test and a per-channel resize without a layout copy.

@@ -1,7 +1,9 @@
-"""Inference-time folding of frozen batch norms into the convolutions before them.
+"""Inference-time folding of batch norms into the convolutions before them.
 
-Detectron2's ResNets are ``Conv2d`` layers whose ``norm`` is a ``FrozenBatchNorm2d``: a fixed
-per-channel affine map. Without autograd, ``norm(conv(x, w, b))`` equals
+Detectron2's ResNets are ``Conv2d`` layers whose ``norm`` is a ``FrozenBatchNorm2d`` (or, in
+configs that train the backbone's norms, a ``BatchNorm2d``/``SyncBatchNorm``, which in eval mode
+normalises with its running statistics): a fixed per-channel affine map. Without autograd,
+``norm(conv(x, w, b))`` equals
 ``conv(x, w * s, (b - mean) * s + beta)`` with ``s = gamma / sqrt(var + eps)``, which saves one
 full pass over every activation. Parameters,
 buffers and checkpoint keys are untouched: the folded weights are a cache, rebuilt whenever
@@ -16,15 +18,31 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["FoldedFrozenBNConv2d", "fold_frozen_batchnorm"]
+__all__ = ["FoldedBNConv2d", "fold_batchnorm"]
 
 
-class FoldedFrozenBNConv2d(Conv2d):
-    """A Detectron2 ``Conv2d`` + ``FrozenBatchNorm2d`` that runs as one convolution when no
-    gradient is being recorded; with autograd it is the plain ``Conv2d``."""
+def _foldable(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a fixed affine map right now: a frozen batch norm, or a batch norm in
+    eval mode with running statistics and an affine part (in training mode it normalises with
+    the batch's statistics, which no folding can reproduce)."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        return True
+    return (
+        isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        and not norm.training
+        and norm.track_running_stats
+        and norm.running_var is not None
+        and norm.affine
+    )
+
+
+class FoldedBNConv2d(Conv2d):
+    """A Detectron2 ``Conv2d`` + batch norm that runs as one convolution when no gradient is
+    being recorded and the norm is a fixed affine map (:func:`_foldable`); otherwise it is the
+    plain ``Conv2d``."""
 
     @classmethod
-    def from_conv(cls, conv: Conv2d) -> "FoldedFrozenBNConv2d":
+    def from_conv(cls, conv: Conv2d) -> "FoldedBNConv2d":
         """A folded twin of ``conv`` holding the same parameter and buffer tensors (so the
         state_dict keys and values are unchanged)."""
         folded = cls(
@@ -41,7 +59,7 @@ class FoldedFrozenBNConv2d(Conv2d):
         # While torch.export traces, parameters are fake tensors that the cache cannot key on;
         # the exported graph keeps conv + frozen norm (which exporters fold themselves).
         exporting = torch.compiler.is_exporting()
-        if torch.is_grad_enabled() or exporting or not isinstance(self.norm, FrozenBatchNorm2d):
+        if torch.is_grad_enabled() or exporting or not _foldable(self.norm):
             return super().forward(x)
         weight, bias = self._folded(x.dtype)
         x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -77,14 +95,15 @@ class FoldedFrozenBNConv2d(Conv2d):
         return state
 
 
-def fold_frozen_batchnorm(module: nn.Module) -> int:
-    """Replaces every Detectron2 ``Conv2d`` in ``module`` whose norm is a ``FrozenBatchNorm2d``
-    by a :class:`FoldedFrozenBNConv2d` sharing its tensors (done once, when the model is built).
-    Returns how many."""
+def fold_batchnorm(module: nn.Module) -> int:
+    """Replaces every Detectron2 ``Conv2d`` in ``module`` whose norm is a batch norm (frozen,
+    plain or synchronised) by a :class:`FoldedBNConv2d` sharing its tensors (done once, when the
+    model is built; whether a call folds is decided by the norm's mode then). Returns how many."""
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is Conv2d and isinstance(child.norm, FrozenBatchNorm2d):
-                setattr(parent, name, FoldedFrozenBNConv2d.from_conv(child))
+            norm = getattr(child, "norm", None)
+            if type(child) is Conv2d and isinstance(norm, (FrozenBatchNorm2d, nn.modules.batchnorm._BatchNorm)):
+                setattr(parent, name, FoldedBNConv2d.from_conv(child))
                 count += 1
     return count

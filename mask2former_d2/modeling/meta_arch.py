@@ -17,7 +17,7 @@ from detectron2.utils.memory import retry_if_cuda_oom
 from torch import Tensor, nn
 
 from ..accel import postprocessing as banded
-from ..accel.fold_bn import fold_frozen_batchnorm
+from ..accel.fold_bn import fold_batchnorm
 from ..accel.precision import check_precision, full_precision, inference_precision, precision_dtype
 from .postprocessing import instance_inference, panoptic_inference, semantic_inference, upsample_masks
 
@@ -147,9 +147,10 @@ class MaskFormer(nn.Module):
         self.backbone = backbone
         self.fast_paths = fast_paths
         if fast_paths:
-            # Frozen batch norms run folded into their convolutions at inference; checkpoints
-            # are unaffected.
-            fold_frozen_batchnorm(backbone)
+            # Batch norms (frozen, or in eval mode) run folded into their convolutions at
+            # inference; checkpoints are unaffected.
+            fold_batchnorm(backbone)
+            fold_batchnorm(sem_seg_head)
         # Channels-last is oneDNN's native layout: a ResNet's convolutions skip the layout
         # conversions, and its features stay channels-last.
         self.channels_last_input = fast_paths and isinstance(backbone, ResNet)

@@ -7,7 +7,7 @@ import torch
 from detectron2.layers import Conv2d
 from detectron2.modeling import build_model
 
-from mask2former_d2.accel.fold_bn import FoldedFrozenBNConv2d
+from mask2former_d2.accel.fold_bn import FoldedBNConv2d
 from mask2former_d2.accel.ms_deform_attn import EmbeddingBagMSDeformAttn
 from tests.common import make_inputs, tiny_cfg
 
@@ -25,9 +25,9 @@ class TestFastPathsEqualReference(unittest.TestCase):
         def kinds(model):
             return {type(m) for m in model.modules()}
 
-        self.assertIn(FoldedFrozenBNConv2d, kinds(self.fast))
+        self.assertIn(FoldedBNConv2d, kinds(self.fast))
         self.assertIn(EmbeddingBagMSDeformAttn, kinds(self.fast))
-        self.assertNotIn(FoldedFrozenBNConv2d, kinds(self.reference))
+        self.assertNotIn(FoldedBNConv2d, kinds(self.reference))
         self.assertNotIn(EmbeddingBagMSDeformAttn, kinds(self.reference))
         self.assertIn(Conv2d, kinds(self.reference))
         self.assertEqual(self.fast.state_dict().keys(), self.reference.state_dict().keys())
