@@ -9,7 +9,10 @@ from detectron2.modeling import build_model
 
 from mask2former_d2.accel.fold_bn import FoldedBNConv2d
 from mask2former_d2.accel.ms_deform_attn import EmbeddingBagMSDeformAttn
-from tests.common import make_inputs, tiny_cfg
+from mask2former_d2.layers.deform_conv import ModulatedDeformConv
+from tests.common import ROOT, make_inputs, tiny_cfg
+
+PEM_TINY = f"{ROOT}/configs/quickstart/pem_STDC1_tiny_coco_panoptic.yaml"
 
 
 class TestFastPathsEqualReference(unittest.TestCase):
@@ -49,6 +52,38 @@ class TestFastPathsEqualReference(unittest.TestCase):
             torch.testing.assert_close(inst.scores, ref_inst.scores, rtol=0, atol=1e-4)
             agreement = (inst.pred_masks == ref_inst.pred_masks).float().mean()
             self.assertGreater(float(agreement), 0.999)
+
+
+class TestPEMFastPathsEqualReference(unittest.TestCase):
+    """PEM on the CPU: its deformable convolutions run as grid_sample + a matrix product (faster
+    there than torchvision's kernel), its norms folded; same outputs as the reference build."""
+
+    def test_same_outputs(self):
+        torch.manual_seed(0)
+        fast = build_model(tiny_cfg(config_file=PEM_TINY)).eval()
+        reference = build_model(tiny_cfg("MODEL.MASK_FORMER.FAST_PATHS", False, config_file=PEM_TINY)).eval()
+        reference.load_state_dict(fast.state_dict())
+        with torch.no_grad():  # offsets of a few pixels, so that the sampling is really deformable
+            for m in fast.modules():
+                if hasattr(m, "dcn_offset"):
+                    m.dcn_offset.bias.normal_(0, 2.0)
+            reference.load_state_dict(fast.state_dict())
+
+        def formulations(model):
+            return {m.formulation for m in model.modules() if isinstance(m, ModulatedDeformConv)}
+
+        self.assertEqual(formulations(fast), {"grid_sample"})
+        self.assertEqual(formulations(reference), {"torchvision"})
+        inputs = make_inputs([(96, 128), (80, 101)], out_sizes=[(96, 128), (120, 150)])
+        with torch.no_grad():
+            expected = reference(inputs)
+            got = fast(inputs)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g["sem_seg"], e["sem_seg"], rtol=0, atol=1e-4)
+            seg, info = g["panoptic_seg"]
+            ref_seg, ref_info = e["panoptic_seg"]
+            self.assertEqual(len(info), len(ref_info))
+            self.assertGreater(float((seg == ref_seg).float().mean()), 0.999)
 
 
 if __name__ == "__main__":

@@ -81,11 +81,13 @@ class DeformUpsample(nn.Module):
     K is the modulation.
     """
 
-    def __init__(self, channels: int, norm: Norm) -> None:
+    def __init__(self, channels: int, norm: Norm, deform_formulation: str = "torchvision") -> None:
         super().__init__()
         taps = 9
         self.dcn_offset = nn.Conv2d(channels, 3 * taps, kernel_size=3, padding=1)
-        self.dcn = ModulatedDeformConv(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.dcn = ModulatedDeformConv(
+            channels, channels, kernel_size=3, padding=1, bias=False, formulation=deform_formulation
+        )
         self.dcn_bn = get_norm(norm, channels)
         self.up_sample = nn.ConvTranspose2d(channels, channels, kernel_size=4, stride=2, padding=1, bias=False)
         self.up_bn = get_norm(norm, channels)
@@ -135,13 +137,25 @@ class PEM_Pixel_Decoder(nn.Module):  # noqa: N801  (PEM's registered name)
     num_levels = 4
 
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, conv_dim: int, mask_dim: int, norm: Norm = "BN") -> None:
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        conv_dim: int,
+        mask_dim: int,
+        norm: Norm = "BN",
+        deform_formulation: str = "torchvision",
+    ) -> None:
         """
         Args:
             input_shape: channels and stride of the four input features.
             conv_dim: D, channels of the decoder's maps (``SEM_SEG_HEAD.CONVS_DIM``, 128 in PEM).
             mask_dim: E, channels of the mask features.
             norm: normalization of every conv (``SEM_SEG_HEAD.NORM``).
+            deform_formulation: how the deformable convolutions compute
+                (:class:`~mask2former_d2.layers.deform_conv.ModulatedDeformConv`'s ``formulation``):
+                ``from_config`` picks "grid_sample" for a CPU model with ``MODEL.MASK_FORMER.FAST_PATHS``
+                (faster there than torchvision's kernel), torchvision's kernel otherwise.
         """
         super().__init__()
         if len(input_shape) != self.num_levels:
@@ -155,7 +169,9 @@ class PEM_Pixel_Decoder(nn.Module):  # noqa: N801  (PEM's registered name)
         self.in_projections = nn.ModuleList(ConvNormReLU(c, conv_dim, 1, norm) for c in channels)
         self.conv_avg = ConvNormReLU(channels[-1], conv_dim, 1, norm)
         self.csm = nn.ModuleList(ChannelModulation(conv_dim, norm) for _ in range(self.num_levels))
-        self.dcn = nn.ModuleList(DeformUpsample(conv_dim, norm) for _ in range(self.num_levels - 1))
+        self.dcn = nn.ModuleList(
+            DeformUpsample(conv_dim, norm, deform_formulation) for _ in range(self.num_levels - 1)
+        )
         self.out = ConvNormReLU(conv_dim, mask_dim, 1, norm)
 
     @classmethod
@@ -166,6 +182,9 @@ class PEM_Pixel_Decoder(nn.Module):  # noqa: N801  (PEM's registered name)
             "conv_dim": head.CONVS_DIM,
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,
+            "deform_formulation": (
+                "grid_sample" if cfg.MODEL.MASK_FORMER.FAST_PATHS and cfg.MODEL.DEVICE == "cpu" else "torchvision"
+            ),
         }
 
     def forward_features(self, features: Dict[str, Tensor]) -> Tuple[Tensor, None, List[Tensor]]:
