@@ -57,13 +57,8 @@ def _depthwise_down(channels: int, norm: str) -> nn.Sequential:
     )
 
 
-class CatBottleneck(nn.Module):
-    """STDC block that concatenates the outputs of its conv chain.
-
-    With ``stride`` 2 the first conv's output is downsampled by a depthwise conv
-    (``avd_layer``) before the chain continues, and by 3x3 average pooling (``skip``) for its
-    own place in the concatenation.
-    """
+class _STDCBlock(nn.Module):
+    """What both STDC blocks build: the conv chain and, at stride 2, ``avd_layer``."""
 
     def __init__(self, in_channels: int, out_channels: int, block_num: int = 4, stride: int = 1,
                  norm: str = "BN") -> None:
@@ -74,6 +69,20 @@ class CatBottleneck(nn.Module):
         self.conv_list = _block_convs(in_channels, out_channels, block_num, norm)
         if stride == 2:
             self.avd_layer = _depthwise_down(out_channels // 2, norm)
+
+
+class CatBottleneck(_STDCBlock):
+    """STDC block that concatenates the outputs of its conv chain.
+
+    With ``stride`` 2 the first conv's output is downsampled by a depthwise conv
+    (``avd_layer``) before the chain continues, and by 3x3 average pooling (``skip``) for its
+    own place in the concatenation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, block_num: int = 4, stride: int = 1,
+                 norm: str = "BN") -> None:
+        super().__init__(in_channels, out_channels, block_num, stride, norm)
+        if stride == 2:
             self.skip = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,7 +98,7 @@ class CatBottleneck(nn.Module):
         return torch.cat([first] + outs, dim=1)
 
 
-class AddBottleneck(nn.Module):
+class AddBottleneck(_STDCBlock):
     """STDC block that concatenates its conv chain and adds the input (``BLOCK_TIPE: add``).
 
     With ``stride`` 2 the first conv's output goes through ``avd_layer`` and the input through
@@ -98,13 +107,8 @@ class AddBottleneck(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, block_num: int = 4, stride: int = 1,
                  norm: str = "BN") -> None:
-        super().__init__()
-        if stride not in (1, 2):
-            raise ValueError(f"STDC blocks have stride 1 or 2, got {stride}")
-        self.stride = stride
-        self.conv_list = _block_convs(in_channels, out_channels, block_num, norm)
+        super().__init__(in_channels, out_channels, block_num, stride, norm)
         if stride == 2:
-            self.avd_layer = _depthwise_down(out_channels // 2, norm)
             self.skip = nn.Sequential(
                 nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=1, groups=in_channels, bias=False),
                 get_norm(norm, in_channels),
