@@ -1,5 +1,5 @@
 """Registry of pixel decoders, selected by ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``."""
-from typing import Dict
+from typing import Any, Dict
 
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
@@ -14,6 +14,18 @@ multi-scale features read by the transformer decoder. A registered class is
 built as ``cls(cfg, input_shape)`` and implements
 ``forward_features(features) -> (mask_features, transformer_encoder_features, multi_scale_features)``.
 """
+
+
+def common_decoder_args(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict[str, Any]:
+    """The ``from_config`` arguments every convolutional pixel decoder reads from
+    ``MODEL.SEM_SEG_HEAD``: its input features (filtered by ``IN_FEATURES``), widths and norm."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    return {
+        "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
+        "conv_dim": head.CONVS_DIM,
+        "mask_dim": head.MASK_DIM,
+        "norm": head.NORM,
+    }
 
 
 def build_pixel_decoder(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> nn.Module:

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from ...layers.attention import input_projection
 from ...layers.detr_transformer import TransformerEncoderOnly
 from ...layers.position_encoding import PositionEmbeddingSine
-from .build import PIXEL_DECODER_REGISTRY
+from .build import PIXEL_DECODER_REGISTRY, common_decoder_args
 
 __all__ = ["BasePixelDecoder", "TransformerEncoderPixelDecoder"]
 
@@ -94,13 +94,7 @@ class BasePixelDecoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict[str, Any]:
-        head = cfg.MODEL.SEM_SEG_HEAD
-        return {
-            "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
-            "conv_dim": head.CONVS_DIM,
-            "mask_dim": head.MASK_DIM,
-            "norm": head.NORM,
-        }
+        return common_decoder_args(cfg, input_shape)
 
     def forward_features(
         self, features: Dict[str, Tensor]

@@ -18,7 +18,7 @@ from detectron2.layers import ShapeSpec, get_norm
 from torch import Tensor, nn
 
 from ...layers.deform_conv import ModulatedDeformConv
-from .build import PIXEL_DECODER_REGISTRY
+from .build import PIXEL_DECODER_REGISTRY, common_decoder_args
 
 __all__ = ["PEM_Pixel_Decoder"]
 
@@ -176,12 +176,8 @@ class PEM_Pixel_Decoder(nn.Module):  # noqa: N801  (PEM's registered name)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict[str, Any]:
-        head = cfg.MODEL.SEM_SEG_HEAD
         return {
-            "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
-            "conv_dim": head.CONVS_DIM,
-            "mask_dim": head.MASK_DIM,
-            "norm": head.NORM,
+            **common_decoder_args(cfg, input_shape),
             "deform_formulation": (
                 "grid_sample" if cfg.MODEL.MASK_FORMER.FAST_PATHS and cfg.MODEL.DEVICE == "cpu" else "torchvision"
             ),
