@@ -480,6 +480,23 @@ _WB = ("weight", "bias")
 _BN = ("weight", "bias", "running_mean", "running_var")
 
 
+def _qkv_rules(d2_attn: str, hf_attn: str) -> List[_Rule]:
+    """``nn.MultiheadAttention``'s packed input projection <- transformers' separate q, k, v."""
+    return [
+        _Rule(f"{d2_attn}.in_proj_{p}", tuple(f"{hf_attn}.{c}_proj.{p}" for c in "qkv")) for p in _WB
+    ]
+
+
+def _prediction_rules(d2_norm: str, hf_norm: str, hf_mask_embedder: str) -> List[_Rule]:
+    """The decoder's final norm, the 3-layer mask-embedding MLP and the class head, laid out
+    the same way by both heads."""
+    rules = _pairs(d2_norm, hf_norm, _WB)
+    for i in range(3):
+        rules += _pairs(f"{M2F_TR}mask_embed.layers.{i}", f"{hf_mask_embedder}.{i}.0", _WB)
+    rules += _pairs(M2F_TR + "class_embed", "class_predictor", _WB)
+    return rules
+
+
 def _swin_rules(arch: Arch) -> List[_Rule]:
     sw = HF_ENC + "swin."
     rules = _pairs("backbone.patch_embed.proj", sw + "embeddings.patch_embeddings.projection", _WB)
@@ -550,8 +567,7 @@ def _mask2former_head_rules(arch: Arch) -> List[_Rule]:
         sa = f"{M2F_TR}transformer_self_attention_layers.{i}"
         ca = f"{M2F_TR}transformer_cross_attention_layers.{i}"
         ffn = f"{M2F_TR}transformer_ffn_layers.{i}"
-        rules.append(_Rule(f"{sa}.self_attn.in_proj_weight", tuple(f"{h}.self_attn.{c}_proj.weight" for c in "qkv")))
-        rules.append(_Rule(f"{sa}.self_attn.in_proj_bias", tuple(f"{h}.self_attn.{c}_proj.bias" for c in "qkv")))
+        rules += _qkv_rules(f"{sa}.self_attn", f"{h}.self_attn")
         rules += _pairs(f"{sa}.self_attn.out_proj", f"{h}.self_attn.o_proj", _WB)
         rules += _pairs(f"{sa}.norm", f"{h}.self_attn_layer_norm", _WB)
         rules.append(_Rule(f"{ca}.multihead_attn.in_proj_weight", (f"{h}.cross_attn.in_proj_weight",)))
@@ -561,10 +577,9 @@ def _mask2former_head_rules(arch: Arch) -> List[_Rule]:
         rules += _pairs(f"{ffn}.linear1", f"{h}.mlp.fc1", _WB)
         rules += _pairs(f"{ffn}.linear2", f"{h}.mlp.fc2", _WB)
         rules += _pairs(f"{ffn}.norm", f"{h}.final_layer_norm", _WB)
-    rules += _pairs(M2F_TR + "decoder_norm", HF_TR + "decoder.layernorm", _WB)
-    for i in range(3):
-        rules += _pairs(f"{M2F_TR}mask_embed.layers.{i}", f"{HF_TR}decoder.mask_predictor.mask_embedder.{i}.0", _WB)
-    rules += _pairs(M2F_TR + "class_embed", "class_predictor", _WB)
+    rules += _prediction_rules(
+        M2F_TR + "decoder_norm", HF_TR + "decoder.layernorm", HF_TR + "decoder.mask_predictor.mask_embedder"
+    )
     return rules
 
 
@@ -585,18 +600,14 @@ def _maskformer_head_rules(arch: Arch) -> List[_Rule]:
     for i in range(arch.dec_layers):
         d, h = f"{M2F_TR}transformer.decoder.layers.{i}", f"{HF_TR}decoder.layers.{i}"
         for ours, theirs in (("self_attn", "self_attn"), ("multihead_attn", "encoder_attn")):
-            rules.append(_Rule(f"{d}.{ours}.in_proj_weight", tuple(f"{h}.{theirs}.{c}_proj.weight" for c in "qkv")))
-            rules.append(_Rule(f"{d}.{ours}.in_proj_bias", tuple(f"{h}.{theirs}.{c}_proj.bias" for c in "qkv")))
+            rules += _qkv_rules(f"{d}.{ours}", f"{h}.{theirs}")
             rules += _pairs(f"{d}.{ours}.out_proj", f"{h}.{theirs}.o_proj", _WB)
         rules += _pairs(d + ".norm1", h + ".self_attn_layer_norm", _WB)
         rules += _pairs(d + ".norm2", h + ".encoder_attn_layer_norm", _WB)
         rules += _pairs(d + ".norm3", h + ".final_layer_norm", _WB)
         rules += _pairs(d + ".linear1", h + ".mlp.fc1", _WB)
         rules += _pairs(d + ".linear2", h + ".mlp.fc2", _WB)
-    rules += _pairs(M2F_TR + "transformer.decoder.norm", HF_TR + "decoder.layernorm", _WB)
-    for i in range(3):
-        rules += _pairs(f"{M2F_TR}mask_embed.layers.{i}", f"mask_embedder.{i}.0", _WB)
-    rules += _pairs(M2F_TR + "class_embed", "class_predictor", _WB)
+    rules += _prediction_rules(M2F_TR + "transformer.decoder.norm", HF_TR + "decoder.layernorm", "mask_embedder")
     return rules
 
 
