@@ -185,6 +185,17 @@ def _palette(n: int) -> List[List[int]]:
     return [[int(v) for v in colors[i % len(colors)]] for i in range(n)]
 
 
+def _listing_categories(
+    spec: DatasetSpec, json_file: str, fmt: str, list_key: str, *, need_isthing: bool
+) -> List[Dict[str, Any]]:
+    """:func:`_categories` of a json that must also hold a ``list_key`` list (its records),
+    read here only to reject files of another format early."""
+    content = _read_json(spec, json_file, fmt)
+    if not isinstance(content.get(list_key), list):
+        raise ValueError(f"dataset {spec.name!r}: {json_file}: has no {list_key!r} list ({fmt} format)")
+    return _categories(spec, json_file, content, need_isthing=need_isthing)
+
+
 def _register_coco_instances(spec: DatasetSpec) -> None:
     json_file, image_root = spec.paths
     _require(spec, json_file, "instance json", is_dir=False)
@@ -209,10 +220,7 @@ def _register_coco_panoptic(spec: DatasetSpec) -> None:
     _require(spec, json_file, "panoptic json", is_dir=False)
     _require(spec, panoptic_root, "panoptic PNG", is_dir=True)
     _require(spec, image_root, "image", is_dir=True)
-    content = _read_json(spec, json_file, "COCO panoptic")
-    if not isinstance(content.get("annotations"), list):
-        raise ValueError(f"dataset {spec.name!r}: {json_file}: has no 'annotations' list (COCO panoptic format)")
-    cats = _categories(spec, json_file, content, need_isthing=True)
+    cats = _listing_categories(spec, json_file, "COCO panoptic", "annotations", need_isthing=True)
     paths = {"image_root": image_root, "panoptic_root": panoptic_root, "panoptic_json": json_file}
     if spec.options["instances"]:
         _require(spec, spec.options["instances"], "instance json", is_dir=False)
@@ -337,10 +345,7 @@ def _register_ytvis(spec: DatasetSpec) -> None:
     json_file, frame_root = spec.paths
     _require(spec, json_file, "YouTube-VIS json", is_dir=False)
     _require(spec, frame_root, "frame", is_dir=True)
-    content = _read_json(spec, json_file, "YouTube-VIS")
-    if not isinstance(content.get("videos"), list):
-        raise ValueError(f"dataset {spec.name!r}: {json_file}: has no 'videos' list (YouTube-VIS format)")
-    cats = _categories(spec, json_file, content, need_isthing=False)
+    cats = _listing_categories(spec, json_file, "YouTube-VIS", "videos", need_isthing=False)
     register_ytvis_instances(spec.name, ytvis_metadata(cats), json_file, frame_root)
 
 
