@@ -480,6 +480,11 @@ _WB = ("weight", "bias")
 _BN = ("weight", "bias", "running_mean", "running_var")
 
 
+def _renamed(d2: str, hf: str, names: Iterable[Tuple[str, str]]) -> List[_Rule]:
+    """Weight and bias rules of the submodules ``{d2}.{ours}`` <- ``{hf}.{theirs}`` of ``names``."""
+    return [rule for ours, theirs in names for rule in _pairs(f"{d2}.{ours}", f"{hf}.{theirs}", _WB)]
+
+
 def _qkv_rules(d2_attn: str, hf_attn: str) -> List[_Rule]:
     """``nn.MultiheadAttention``'s packed input projection <- transformers' separate q, k, v."""
     return [
@@ -545,10 +550,8 @@ def _mask2former_head_rules(arch: Arch) -> List[_Rule]:
         d, h = f"{M2F_PIX}transformer.encoder.layers.{i}", f"{HF_PIX}encoder.layers.{i}"
         for part in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
             rules += _pairs(f"{d}.self_attn.{part}", f"{h}.self_attn.{part}", _WB)
-        rules += _pairs(d + ".norm1", h + ".self_attn_layer_norm", _WB)
-        rules += _pairs(d + ".linear1", h + ".fc1", _WB)
-        rules += _pairs(d + ".linear2", h + ".fc2", _WB)
-        rules += _pairs(d + ".norm2", h + ".final_layer_norm", _WB)
+        rules += _renamed(d, h, (("norm1", "self_attn_layer_norm"), ("linear1", "fc1"), ("linear2", "fc2"),
+                                 ("norm2", "final_layer_norm")))
     rules += _pairs(M2F_PIX + "mask_features", HF_PIX + "mask_projection", _WB)
     # One FPN level (res2) above the encoder's three.
     rules += _pairs(M2F_PIX + "adapter_1", HF_PIX + "adapter_1.0", ("weight",))
@@ -602,11 +605,8 @@ def _maskformer_head_rules(arch: Arch) -> List[_Rule]:
         for ours, theirs in (("self_attn", "self_attn"), ("multihead_attn", "encoder_attn")):
             rules += _qkv_rules(f"{d}.{ours}", f"{h}.{theirs}")
             rules += _pairs(f"{d}.{ours}.out_proj", f"{h}.{theirs}.o_proj", _WB)
-        rules += _pairs(d + ".norm1", h + ".self_attn_layer_norm", _WB)
-        rules += _pairs(d + ".norm2", h + ".encoder_attn_layer_norm", _WB)
-        rules += _pairs(d + ".norm3", h + ".final_layer_norm", _WB)
-        rules += _pairs(d + ".linear1", h + ".mlp.fc1", _WB)
-        rules += _pairs(d + ".linear2", h + ".mlp.fc2", _WB)
+        rules += _renamed(d, h, (("norm1", "self_attn_layer_norm"), ("norm2", "encoder_attn_layer_norm"),
+                                 ("norm3", "final_layer_norm"), ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2")))
     rules += _prediction_rules(M2F_TR + "transformer.decoder.norm", HF_TR + "decoder.layernorm", "mask_embedder")
     return rules
 
