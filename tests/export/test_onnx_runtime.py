@@ -68,6 +68,26 @@ def _load_parity_tool():
     return module
 
 
+def build_fixture_model(fixture: str):
+    """(cfg, model) of a parity fixture: its config on the CPU with its released-format weights."""
+    cfg = get_maskformer_cfg(os.path.join(fixture, "config.yaml"), ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    MaskFormerCheckpointer(model).load(os.path.join(fixture, "weights.pkl"))
+    return cfg, model
+
+
+def assert_onnx_parity(test: "_ExportCase", fixture: str) -> None:
+    """The fixture's images through ONNX Runtime (``test.onnx_path``) pass parity.py's comparison."""
+    from mask2former_d2.export.onnx_runtime import OnnxRuntimeMaskFormer
+
+    parity = _load_parity_tool()
+    expected = torch.load(os.path.join(fixture, "expected.pth"), weights_only=False)
+    model = OnnxRuntimeMaskFormer(test.cfg, test.onnx_path, num_threads=2)
+    got = parity._run(model, expected["images"], test.cfg.INPUT.FORMAT)
+    ok, report = parity.compare(expected["outputs"], got)
+    test.assertTrue(ok, report)
+
+
 class _ExportCase:
     """Exports ``build()``'s model once (dynamic H/W) and checks it against the eager network."""
 
@@ -241,21 +261,11 @@ class TestParityFixture(_ExportCase, unittest.TestCase):
 
     @classmethod
     def build(cls):
-        cfg = get_maskformer_cfg(os.path.join(FIXTURE, "config.yaml"), ["MODEL.DEVICE", "cpu"])
-        model = build_model(cfg)
-        MaskFormerCheckpointer(model).load(os.path.join(FIXTURE, "weights.pkl"))
-        return cfg, model
+        return build_fixture_model(FIXTURE)
 
     def test_parity_through_onnx_runtime(self):
         """The fixture's images through ONNX Runtime pass parity.py's comparison (PARITY OK)."""
-        from mask2former_d2.export.onnx_runtime import OnnxRuntimeMaskFormer
-
-        parity = _load_parity_tool()
-        expected = torch.load(os.path.join(FIXTURE, "expected.pth"), weights_only=False)
-        model = OnnxRuntimeMaskFormer(self.cfg, self.onnx_path, num_threads=2)
-        got = parity._run(model, expected["images"], self.cfg.INPUT.FORMAT)
-        ok, report = parity.compare(expected["outputs"], got)
-        self.assertTrue(ok, report)
+        assert_onnx_parity(self, FIXTURE)
 
     def test_torch_export_program_reloads_and_equals_eager(self):
         path = os.path.join(self.tmp.name, "model.pt2")

@@ -6,10 +6,7 @@ import os
 import unittest
 
 import torch
-from detectron2.modeling import build_model
 
-from mask2former_d2 import get_maskformer_cfg
-from mask2former_d2.checkpoint import MaskFormerCheckpointer
 from mask2former_d2.export.exporter import export_program
 from mask2former_d2.layers.deform_conv import ModulatedDeformConv
 from tests.common import SHARED, make_inputs
@@ -19,7 +16,8 @@ from tests.export.test_onnx_runtime import (
     SIZES,
     TOLERANCE,
     _ExportCase,
-    _load_parity_tool,
+    assert_onnx_parity,
+    build_fixture_model,
     random_image,
     relative_deviation,
 )
@@ -32,10 +30,7 @@ HAVE_FIXTURE = os.path.isfile(os.path.join(FIXTURE, "weights.pkl")) and os.path.
 class TestPEMExport(_ExportCase, unittest.TestCase):
     @classmethod
     def build(cls):
-        cfg = get_maskformer_cfg(os.path.join(FIXTURE, "config.yaml"), ["MODEL.DEVICE", "cpu"])
-        model = build_model(cfg)
-        MaskFormerCheckpointer(model).load(os.path.join(FIXTURE, "weights.pkl"))
-        return cfg, model
+        return build_fixture_model(FIXTURE)
 
     def test_graph_has_no_deformable_operator(self):
         import onnx
@@ -50,13 +45,7 @@ class TestPEMExport(_ExportCase, unittest.TestCase):
                             if isinstance(m, ModulatedDeformConv)))
 
     def test_parity_through_onnx_runtime(self):
-        from mask2former_d2.export.onnx_runtime import OnnxRuntimeMaskFormer
-
-        parity = _load_parity_tool()
-        expected = torch.load(os.path.join(FIXTURE, "expected.pth"), weights_only=False)
-        model = OnnxRuntimeMaskFormer(self.cfg, self.onnx_path, num_threads=2)
-        ok, report = parity.compare(expected["outputs"], parity._run(model, expected["images"], self.cfg.INPUT.FORMAT))
-        self.assertTrue(ok, report)
+        assert_onnx_parity(self, FIXTURE)
 
     def test_postprocessed_outputs_match_the_pytorch_model(self):
         """Semantic and panoptic outputs (this config has no instance output) of a size that
