@@ -115,17 +115,25 @@ def _our_tiny(kind: str):
     return cfg, model
 
 
-@unittest.skipUnless(HAVE_HF, "needs the hf extra (transformers, safetensors)")
-class TestHFToD2(unittest.TestCase):
+class _ConverterCase:
+    """Loads the converter ``script`` once, with a fixed input ``x``; a temporary folder a test."""
+
+    script = ""
+
     @classmethod
     def setUpClass(cls):
-        cls.tool = load_script("tools/convert_hf_to_d2.py")
+        cls.tool = load_script(cls.script)
         torch.manual_seed(0)
         cls.x = torch.randn(1, 3, *SIZE)
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.tmp)
+
+
+@unittest.skipUnless(HAVE_HF, "needs the hf extra (transformers, safetensors)")
+class TestHFToD2(_ConverterCase, unittest.TestCase):
+    script = "tools/convert_hf_to_d2.py"
 
     def check(self, kind: str, backbone: str, processor=None, **overrides):
         torch.manual_seed(1)
@@ -234,16 +242,8 @@ class TestHFToD2(unittest.TestCase):
 
 
 @unittest.skipUnless(HAVE_HF, "needs the hf extra (transformers, safetensors)")
-class TestD2ToHF(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.tool = load_script("tools/convert_d2_to_hf.py")
-        torch.manual_seed(0)
-        cls.x = torch.randn(1, 3, *SIZE)
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp)
+class TestD2ToHF(_ConverterCase, unittest.TestCase):
+    script = "tools/convert_d2_to_hf.py"
 
     def to_hf(self, kind: str):
         cfg, model = _our_tiny(kind)
