@@ -104,16 +104,24 @@ def write_ytvis_from_video(root: str) -> str:
     )
 
 
-@unittest.skipUnless(_have_data(), "needs the real samples (tests/common.py DATA)")
-class TestSpecs(unittest.TestCase):
+class _ClassesFolderCase:
+    """A temporary folder for the class (named with ``prefix``) holding the Cityscapes class list."""
+
+    prefix = "m2f_"
+
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp(prefix="m2f_custom_")
+        cls.tmp = tempfile.mkdtemp(prefix=cls.prefix)
         cls.classes = write_cityscapes_classes(cls.tmp)
 
     @classmethod
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
+
+
+@unittest.skipUnless(_have_data(), "needs the real samples (tests/common.py DATA)")
+class TestSpecs(_ClassesFolderCase, unittest.TestCase):
+    prefix = "m2f_custom_"
 
     def cfg(self, *specs, **kw):
         opts = ["DATASETS.CUSTOM", str(list(specs))]
@@ -282,18 +290,11 @@ def _video_gt_outputs(record):
 
 
 @unittest.skipUnless(_have_data(), "needs the real samples (tests/common.py DATA)")
-class TestEndToEnd(unittest.TestCase):
+class TestEndToEnd(_ClassesFolderCase, unittest.TestCase):
     """Each format: register from the config, train two iterations, evaluate; and the evaluator
     scores the ground truth 100."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp(prefix="m2f_custom_e2e_")
-        cls.classes = write_cityscapes_classes(cls.tmp)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+    prefix = "m2f_custom_e2e_"
 
     def train_and_evaluate(self, config_file, trainer_cls, name, spec, *opts):
         out = tempfile.mkdtemp(dir=self.tmp)
