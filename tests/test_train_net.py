@@ -206,6 +206,9 @@ class KilledTrainer(Trainer):
     def build_hooks(self):
         return super().build_hooks() + [KillAfter()]
 
+# A Ctrl-C from a terminal: Python ignores SIGINT when started with it ignored (a job run in the
+# background by a non-interactive shell, as CI may run the tests), so restore its handler here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv[0] = "train_net.py"
 launch_main(default_argument_parser().parse_args(), lambda args: main(args, KilledTrainer))
 """
