@@ -31,11 +31,10 @@ from ..layers.ms_deform_attn import (
     LevelValues,
     MSDeformAttn,
     Sizes,
-    check_ms_deform_attn_inputs,
     level_sizes,
 )
 
-__all__ = ["EmbeddingBagMSDeformAttn", "ValueTable", "ms_deform_attn", "sample_value_table", "value_table"]
+__all__ = ["EmbeddingBagMSDeformAttn", "ValueTable", "sample_value_table", "value_table"]
 
 # Largest row count whose indices float32 represents exactly.
 _FLOAT32_EXACT_INT = 2**24
@@ -75,26 +74,6 @@ def value_table(value: Tensor, sizes: List[Tuple[int, int]]) -> ValueTable:
     return ValueTable(_bordered_table(value, sizes), sizes, b, m, d)
 
 
-def ms_deform_attn(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
-    """:func:`mask2former_d2.layers.ms_deform_attn.ms_deform_attn` (same arguments and result)
-    with the ``embedding_bag`` gather.
-
-    Coordinates and bilinear weights are computed in float32 (float64 if any input is
-    float64) whatever the value dtype, so half-precision values under autocast still sample
-    at exact positions.
-    """
-    sizes = check_ms_deform_attn_inputs(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
-    return sample_value_table(value_table(value, sizes), sampling_locations, attention_weights)
-
-
 def sample_value_table(
     values: ValueTable,
     sampling_locations: Tensor,
@@ -102,8 +81,11 @@ def sample_value_table(
     *,
     locations_in_pixels: bool = False,
 ) -> Tensor:
-    """:func:`ms_deform_attn` on a prepared :class:`ValueTable`: locations (B, Q, M, L, P, 2)
-    and weights (B, Q, M, L, P) -> (B, Q, M * D).
+    """:func:`mask2former_d2.layers.ms_deform_attn.ms_deform_attn` on a prepared
+    :class:`ValueTable`: locations (B, Q, M, L, P, 2) and weights (B, Q, M, L, P) ->
+    (B, Q, M * D). Coordinates and bilinear weights are computed in float32 (float64 if any
+    input is float64) whatever the table's dtype, so half-precision values under autocast still
+    sample at exact positions.
 
     With ``locations_in_pixels``, locations are already ``loc * (W_l, H_l) + 0.5``: pixel
     units of the bordered level, where pixel i spans [i + 0.5, i + 1.5) (callers that start

@@ -6,12 +6,12 @@ coordinates of each tap interleaved, (dy, dx) for tap 0, then tap 1, ... (Detect
 ``ModulatedDeformConv`` layout, which is also torchvision's); ``mask`` is (B, G*K, Ho, Wo), the
 modulation of each tap (PEM passes a sigmoid).
 
-Two formulations, chosen once per module (``ModulatedDeformConv.export_formulation``):
+Two formulations (:func:`modulated_deform_conv`'s ``formulation``, chosen once per module):
 
 * ``torchvision.ops.deform_conv2d`` (the reference: CPU and CUDA kernels, offsets and
   modulation, gradients);
-* :func:`modulated_deform_conv_grid_sample`, the same arithmetic from ``F.grid_sample`` and a
-  matrix product, for ONNX exports (ONNX Runtime has no deformable-convolution kernel).
+* "grid_sample", the same arithmetic from ``F.grid_sample`` and a matrix product, for ONNX
+  exports (ONNX Runtime has no deformable-convolution kernel) and for speed on a CPU.
 """
 import contextlib
 from typing import Iterator, Optional, Tuple, Union
@@ -25,7 +25,6 @@ __all__ = [
     "ModulatedDeformConv",
     "grid_sample_deform_conv",
     "modulated_deform_conv",
-    "modulated_deform_conv_grid_sample",
 ]
 
 _IntPair = Union[int, Tuple[int, int]]
@@ -54,6 +53,9 @@ def _check_inputs(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, group
     return dg
 
 
+FORMULATIONS = ("torchvision", "grid_sample")
+
+
 def modulated_deform_conv(
     x: Tensor,
     offset: Tensor,
@@ -63,8 +65,10 @@ def modulated_deform_conv(
     stride: _IntPair = 1,
     padding: _IntPair = 0,
     dilation: _IntPair = 1,
+    *,
+    formulation: str = "torchvision",
 ) -> Tensor:
-    """Modulated deformable convolution through ``torchvision.ops.deform_conv2d``.
+    """Modulated deformable convolution.
 
     Args:
         x: (B, C, H, W) input.
@@ -73,40 +77,36 @@ def modulated_deform_conv(
         weight: (O, C / groups, kh, kw); the convolution groups follow from its shape.
         bias: optional (O,).
         stride, padding, dilation: as in ``nn.Conv2d``.
+        formulation: "torchvision" (``torchvision.ops.deform_conv2d``, the reference) or
+            "grid_sample" (:func:`_grid_sample_formulation`: the same values up to float
+            rounding, from operators ONNX Runtime implements; on a CPU also faster).
 
     Returns:
         (B, O, Ho, Wo).
     """
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if formulation == "grid_sample":
+        return _grid_sample_formulation(x, offset, mask, weight, bias, stride, padding, dilation)
+    if formulation != "torchvision":
+        raise ValueError(f"formulation must be one of {FORMULATIONS}; got {formulation!r}")
     from torchvision.ops import deform_conv2d
 
-    return deform_conv2d(
-        x, offset, weight, bias, stride=_pair(stride), padding=_pair(padding),
-        dilation=_pair(dilation), mask=mask,
-    )
+    return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask)
 
 
-def modulated_deform_conv_grid_sample(
-    x: Tensor,
-    offset: Tensor,
-    mask: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: _IntPair = 1,
-    padding: _IntPair = 0,
-    dilation: _IntPair = 1,
+def _grid_sample_formulation(
+    x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
 ) -> Tensor:
-    """:func:`modulated_deform_conv` built from ``F.grid_sample`` and a matrix product.
+    """:func:`modulated_deform_conv` from ``F.grid_sample`` and a matrix product.
 
     Every tap's sampling point is ``(y * stride - padding + i * dilation + dy,
     x * stride - padding + j * dilation + dx)``; the input is sampled there bilinearly with
     zeros outside (DCN's convention: each of the four neighbours outside the image counts as
     0), multiplied by the tap's modulation, and the (B, C*K, Ho*Wo) columns are multiplied by
-    the (O, C*K) weight, as an im2col convolution would. Only operators that ONNX Runtime
-    implements are used, so this is the exported formulation.
+    the (O, C*K) weight, as an im2col convolution would.
     """
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     out_c, c_per_group, kh, kw = weight.shape
     b, c, h, w = x.shape
     taps = kh * kw
@@ -157,12 +157,11 @@ class ModulatedDeformConv(nn.Module):
         bias: add a learned bias.
         norm: optional module applied to the output.
         activation: optional callable applied after ``norm``.
-        formulation: "torchvision" (:func:`modulated_deform_conv`, torchvision's kernel: the
-            reference) or "grid_sample" (:func:`modulated_deform_conv_grid_sample`: the same
-            values up to float rounding; on a CPU it is faster than torchvision's kernel).
+        formulation: that of :func:`modulated_deform_conv`, "torchvision" (the reference) or
+            "grid_sample" (faster on a CPU).
 
-    ``export_formulation`` (False by default) switches to
-    :func:`modulated_deform_conv_grid_sample` too; exporters set it before tracing.
+    ``export_formulation`` (False by default) switches to "grid_sample" too; exporters set it
+    before tracing.
     """
 
     def __init__(
@@ -181,8 +180,8 @@ class ModulatedDeformConv(nn.Module):
         formulation: str = "torchvision",
     ) -> None:
         super().__init__()
-        if formulation not in ("torchvision", "grid_sample"):
-            raise ValueError(f"formulation must be 'torchvision' or 'grid_sample'; got {formulation!r}")
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation must be one of {FORMULATIONS}; got {formulation!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}"
@@ -191,17 +190,13 @@ class ModulatedDeformConv(nn.Module):
             raise ValueError(
                 f"in_channels={in_channels} is not divisible by deformable_groups={deformable_groups}"
             )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        # Detectron2's attribute names (read by code written for its ModulatedDeformConv).
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = groups
-        self.deformable_groups = deformable_groups
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.groups, self.deformable_groups = groups, deformable_groups
         self.with_bias = bias
-        self.norm = norm
-        self.activation = activation
+        self.norm, self.activation = norm, activation
         self.formulation = formulation
         self.export_formulation = False
 
@@ -217,9 +212,10 @@ class ModulatedDeformConv(nn.Module):
         """x (B, C, H, W), offset (B, 2*G*K, Ho, Wo), mask (B, G*K, Ho, Wo) -> (B, O, Ho, Wo)."""
         if not torch.jit.is_tracing() and not torch.compiler.is_exporting():
             _check_inputs(x, offset, mask, self.weight, self.groups)
-        grid_sample = self.export_formulation or self.formulation == "grid_sample"
-        fn = modulated_deform_conv_grid_sample if grid_sample else modulated_deform_conv
-        out = fn(x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        out = modulated_deform_conv(
+            x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation,
+            formulation="grid_sample" if self.export_formulation else self.formulation,
+        )
         if self.norm is not None:
             out = self.norm(out)
         if self.activation is not None:
@@ -237,8 +233,8 @@ class ModulatedDeformConv(nn.Module):
 
 @contextlib.contextmanager
 def grid_sample_deform_conv(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every :class:`ModulatedDeformConv` of ``model`` computes with
-    :func:`modulated_deform_conv_grid_sample` (what exporters trace); their formulation is
+    """Within the block, every :class:`ModulatedDeformConv` of ``model`` computes with the
+    "grid_sample" formulation (what exporters trace); their formulation is
     restored on exit."""
     convs = [m for m in model.modules() if isinstance(m, ModulatedDeformConv)]
     previous = [m.export_formulation for m in convs]

@@ -2,12 +2,16 @@
 computes what the reference grid_sample module (mask2former_d2.layers.ms_deform_attn) computes,
 and the reference computes the definition."""
 import unittest
+from unittest import mock
 
 import torch
 
+from mask2former_d2.accel import ms_deform_attn as fast
 from mask2former_d2.accel.ms_deform_attn import EmbeddingBagMSDeformAttn
 from mask2former_d2.layers import MSDeformAttn
-from tests.layers.test_ms_deform_attn import naive_ms_deform_attn
+from mask2former_d2.layers.ms_deform_attn import check_ms_deform_attn_inputs
+from tests.layers import test_ms_deform_attn as reference_tests
+from tests.layers.test_ms_deform_attn import make_inputs, naive_ms_deform_attn
 
 SIZES = [(5, 7), (3, 4), (2, 2)]
 
@@ -21,6 +25,28 @@ def _inputs(batch=2, queries=6, channels=16, seed=0):
         torch.randn(batch, s, channels, generator=g),
         torch.tensor(SIZES),
     )
+
+
+def embedding_bag_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The fast op with the reference op's arguments."""
+    sizes = check_ms_deform_attn_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    return fast.sample_value_table(fast.value_table(value, sizes), sampling_locations, attention_weights)
+
+
+class TestEmbeddingBagOp(reference_tests.TestMSDeformAttnOp):
+    """Every check of the reference op, on the embedding_bag op."""
+
+    op = staticmethod(embedding_bag_op)
+
+    def test_float64_row_indices_path(self):
+        # Huge tables compute rows in float64; force that path on a small case.
+        value, shapes, starts, loc, attn = make_inputs([(5, 4), (2, 3)], dtype=torch.float32)
+        expected = self.op(value, shapes, starts, loc, attn)
+        with mock.patch.object(fast, "_FLOAT32_EXACT_INT", 1):
+            out = self.op(value, shapes, starts, loc, attn)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 class TestEmbeddingBagMSDeformAttn(unittest.TestCase):

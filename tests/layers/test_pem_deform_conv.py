@@ -7,11 +7,7 @@ import unittest
 import numpy as np
 import torch
 
-from mask2former_d2.layers.deform_conv import (
-    ModulatedDeformConv,
-    modulated_deform_conv,
-    modulated_deform_conv_grid_sample,
-)
+from mask2former_d2.layers.deform_conv import FORMULATIONS, ModulatedDeformConv, modulated_deform_conv
 
 
 def _bilinear(img: np.ndarray, y: float, x: float) -> float:
@@ -81,9 +77,9 @@ class TestModulatedDeformConv(unittest.TestCase):
                 groups = kw.get("groups", 1)
                 x, offset, mask, weight, bias, geo = self._case(i, **kw)
                 ref = naive_dcn(x, offset, mask, weight, bias, geo["stride"], geo["padding"], geo["dilation"], groups)
-                for fn in (modulated_deform_conv, modulated_deform_conv_grid_sample):
-                    got = fn(x, offset, mask, weight, bias, **geo)
-                    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=fn.__name__)
+                for formulation in FORMULATIONS:
+                    got = modulated_deform_conv(x, offset, mask, weight, bias, **geo, formulation=formulation)
+                    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=formulation)
 
     def test_offsets_are_dy_then_dx(self):
         # One tap, offset (dy, dx) = (1, 0): the output is the input shifted by one row.
@@ -92,8 +88,8 @@ class TestModulatedDeformConv(unittest.TestCase):
         offset = torch.zeros(1, 2, 4, 5, dtype=torch.float64)
         offset[:, 0] = 1.0
         mask = torch.ones(1, 1, 4, 5, dtype=torch.float64)
-        for fn in (modulated_deform_conv, modulated_deform_conv_grid_sample):
-            out = fn(x, offset, mask, weight)
+        for formulation in FORMULATIONS:
+            out = modulated_deform_conv(x, offset, mask, weight, formulation=formulation)
             torch.testing.assert_close(out[0, 0, :3], x[0, 0, 1:])
             torch.testing.assert_close(out[0, 0, 3], torch.zeros(5, dtype=torch.float64))
 
@@ -130,6 +126,11 @@ class TestModulatedDeformConv(unittest.TestCase):
             conv(x, torch.zeros(1, 18, 5, 5), torch.zeros(1, 8, 5, 5))
         with self.assertRaisesRegex(ValueError, "offset has 17 channels"):
             conv(x, torch.zeros(1, 17, 5, 5), torch.zeros(1, 9, 5, 5))
+        with self.assertRaisesRegex(ValueError, "formulation must be one of .*got 'cuda'"):
+            ModulatedDeformConv(4, 6, 3, formulation="cuda")
+        with self.assertRaisesRegex(ValueError, "formulation must be one of .*got 'im2col'"):
+            modulated_deform_conv(x, torch.zeros(1, 18, 3, 3), torch.zeros(1, 9, 3, 3), conv.weight,
+                                  formulation="im2col")
 
 
 if __name__ == "__main__":
