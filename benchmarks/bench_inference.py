@@ -228,31 +228,37 @@ def main():
     ap.add_argument("--size", type=int, nargs=2, default=[800, 1333])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per process (after a warm-up)")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="processes per implementation, alternating with --reference-cmd")
-    ap.add_argument("--reference-cmd", default="",
-                    help="a command that measures another implementation in the same setting and "
-                    "prints, as its last line, a JSON object with the keys of this table")
-    ap.add_argument("--weights", default="",
-                    help="load these weights (Detectron2 checkpoint) instead of the seeded random "
-                    "initialisation; the class head is set as described above either way")
-    ap.add_argument("--save-weights", default="",
-                    help="write the weights measured (after the class-head setting) to this .pth, "
-                    "so that a --reference-cmd can load exactly the same model")
-    ap.add_argument("--precisions", default="fp32,bf16,fp16",
-                    help="comma-separated MODEL.MASK_FORMER.TEST.PRECISION values, one row each (fp32 "
-                    "is always measured: the deviations are relative to it)")
-    ap.add_argument("--emulate", action="store_true",
-                    help="measure precisions this device has no units for through emulate_low_precision "
-                    "(their deviation from fp32 is that of a machine with the units; their time is not)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--flops", action="store_true")
+
+    weights = ap.add_argument_group("weights", "default: seeded random; the class head is set as above")
+    weights.add_argument("--weights", default="", help="a Detectron2 checkpoint to load")
+    weights.add_argument("--save-weights", default="", help="write the measured weights to this .pth")
+
+    reference = ap.add_argument_group(
+        "comparison",
+        "--reference-cmd runs another implementation's measurement, which prints a JSON "
+        "object with this table's keys as its last line, alternately with ours, --rounds times"
+    )
+    reference.add_argument("--reference-cmd", default="")
+    reference.add_argument("--rounds", type=int, default=1)
+
+    precision = ap.add_argument_group(
+        "precision",
+        "deviations are from fp32, always measured; --emulate measures precisions the device has "
+        "no units for through emulate_low_precision: right deviations, meaningless times",
+    )
+    precision.add_argument("--precisions", default="fp32,bf16,fp16", help="MODEL.MASK_FORMER.TEST.PRECISION values")
+    precision.add_argument("--emulate", action="store_true")
+
+    ap.add_argument("--onnx", action="store_true",
+                    help="instead: ONNX Runtime (CPU) vs eager fp32, same weights, with export time "
+                    "and file size (needs the export extra: pip install .[export])")
+
+    # Set by the parent process for the measuring child.
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--save-outputs", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--flops", action="store_true")
-    ap.add_argument("--onnx", action="store_true",
-                    help="instead: ONNX Runtime (CPU) vs eager fp32, same weights, with export time and "
-                    "file size (needs the export extra: pip install .[export])")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.onnx:
         _measure_onnx(args)
