@@ -11,12 +11,14 @@ import copy
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import unittest
 from typing import Dict, List
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
@@ -507,6 +509,24 @@ class TestInstanceCOCO(unittest.TestCase):
         out = self._mapper([T.RandomFlip(prob=1.0)])(d)
         self.assertTrue(torch.equal(out["instances"].gt_masks, masks.flip(-1)))
         _assert_valid_instances(self, out, boxes=True)
+
+    def test_bad_segmentations_name_the_file(self):
+        d = self.rle_dicts[1]  # 360 x 640
+        rle = mask_util.encode(np.zeros((360, 640), dtype=np.uint8, order="F"))
+        name = os.path.basename(d["file_name"])
+        cases = [
+            ({"counts": rle["counts"]}, r"RLE segmentation needs 'counts' and 'size', got \['counts'\]"),
+            (dict(rle, size=[36, 64]), r"RLE size \(H, W\) = \(36, 64\) does not match the image \(H, W\) = "
+             r"\(360, 640\)"),
+            (np.zeros((36, 64), np.uint8), r"bitmask segmentation of shape \(36, 64\) does not match"),
+            ("polygon", "unsupported segmentation type str"),
+        ]
+        for segm, message in cases:
+            with self.subTest(message=message):
+                bad = copy.deepcopy(d)
+                bad["annotations"][0]["segmentation"] = segm
+                with self.assertRaisesRegex(ValueError, f"{re.escape(name)}.*: {message}"):
+                    self._mapper([])(bad)
 
     def test_size_divisibility(self):
         out = self._mapper([], size_divisibility=64)(self.rle_dicts[1])  # 360 x 640

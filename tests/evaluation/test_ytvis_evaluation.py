@@ -214,7 +214,8 @@ def test_result_errors():
     with pytest.raises(ValueError, match="one entry per frame \\(2\\), got 1"):
         evaluate_ytvis(gt, [{**results[0], "segmentations": results[0]["segmentations"][:1]}])
     small = rle(box(10, 10, 0, 0, 2, 2))
-    with pytest.raises(ValueError, match=r"mask size \(H, W\) = \(10, 10\), but the video is \(20, 20\)"):
+    size_error = r"RLE size \(H, W\) = \(10, 10\) does not match the video \(H, W\) = \(20, 20\)"
+    with pytest.raises(ValueError, match=size_error):
         evaluate_ytvis(gt, [{**results[0], "segmentations": [small, small]}])
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_sem_seg
 from detectron2.utils.file_io import PathManager
@@ -24,6 +25,7 @@ __all__ = [
     "load_panoptic_json",
     "load_coco_instances_checked",
     "check_coco_json",
+    "compressed_rle",
 ]
 
 README = "datasets/README.md"
@@ -124,6 +126,27 @@ def check_coco_json(json_file: str, content: Any, *, panoptic: bool = False) -> 
             for field in ("id", "category_id"):
                 if not isinstance(segment, Mapping) or field not in segment:
                     raise ValueError(f"{where}: segments_info[{j}] has no '{field}'")
+
+
+def compressed_rle(
+    segm: Mapping[str, Any], height: int, width: int, where: str, of: str = "the image"
+) -> Dict[str, Any]:
+    """A COCO RLE segmentation checked against (height, width) of ``of`` and returned compressed
+    (uncompressed ones, with a list of counts, are what COCO crowd annotations and the released
+    YouTube-VIS train jsons hold).
+
+    Raises:
+        ValueError: naming ``where``, for an RLE without ``counts``/``size`` or of another size.
+    """
+    if "counts" not in segm or "size" not in segm:
+        raise ValueError(f"{where}: RLE segmentation needs 'counts' and 'size', got {sorted(segm)}")
+    if list(segm["size"]) != [height, width]:
+        raise ValueError(
+            f"{where}: RLE size (H, W) = {tuple(segm['size'])} does not match {of} (H, W) = ({height}, {width})"
+        )
+    if isinstance(segm["counts"], list):
+        return mask_util.frPyObjects(segm, height, width)
+    return dict(segm)
 
 
 def register_lazy(name: str, loader: Callable[[], List[Dict[str, Any]]], **metadata: Any) -> bool:

@@ -26,7 +26,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
-from .utils import register_lazy, require_path
+from .utils import compressed_rle, register_lazy, require_path
 
 __all__ = [
     "YTVIS_SPLITS",
@@ -106,15 +106,7 @@ def segmentation_to_rle(segm: Any, height: int, width: int, where: str) -> Dict[
             one whose size is not (height, width).
     """
     if isinstance(segm, dict):
-        if "counts" not in segm or "size" not in segm:
-            raise ValueError(f"{where}: RLE segmentation needs 'counts' and 'size', got {sorted(segm)}")
-        if list(segm["size"]) != [height, width]:
-            raise ValueError(
-                f"{where}: mask size (H, W) = {tuple(segm['size'])}, but the video is ({height}, {width})"
-            )
-        if isinstance(segm["counts"], list):  # uncompressed, as in the released train jsons
-            return mask_util.frPyObjects(segm, height, width)
-        return segm
+        return compressed_rle(segm, height, width, where, of="the video")
     if isinstance(segm, list):
         if not segm:
             return mask_util.encode(np.zeros((height, width), dtype=np.uint8, order="F"))

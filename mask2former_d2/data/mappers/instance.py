@@ -18,6 +18,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from detectron2.utils.logger import log_first_n
 
+from ..datasets.utils import compressed_rle
 from .utils import AugmentationLike, MaskFormerMapperBase, pad_to_multiple
 
 __all__ = ["MaskFormerInstanceDatasetMapper"]
@@ -81,15 +82,7 @@ class MaskFormerInstanceDatasetMapper(MaskFormerMapperBase):
                 )
             segm = mask_util.encode(np.asfortranarray(segm.astype(np.uint8)))
         elif isinstance(segm, dict):
-            if "size" not in segm or "counts" not in segm:
-                raise ValueError(f"{image_file}: RLE segmentation needs 'size' and 'counts'")
-            if list(segm["size"]) != [h0, w0]:
-                raise ValueError(
-                    f"{image_file}: RLE size (H, W) = {tuple(segm['size'])} does not match the "
-                    f"image (H, W) = ({h0}, {w0})"
-                )
-            if isinstance(segm["counts"], list):  # uncompressed RLE
-                segm = mask_util.frPyObjects(segm, h0, w0)
+            segm = compressed_rle(segm, h0, w0, image_file)
         elif isinstance(segm, list):
             # A polygon needs at least 3 points; COCO has a few degenerate ones.
             segm = [p for p in segm if len(p) % 2 == 0 and len(p) >= 6]
