@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import types
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 DEFAULT_PUBLISHED = os.environ.get("M2F_PUBLISHED", "/tmp/ref_pub/maskformer2-0.1")
 DEFAULT_PUBLISHED_PEM = os.environ.get("PEM_PUBLISHED", "/tmp/pem_pub")
@@ -165,6 +165,22 @@ def import_published_pem(path: str) -> List[str]:
     if not os.path.abspath(pem.__file__).startswith(os.path.abspath(path)):
         sys.exit(f"imported pem from {pem.__file__}, not from {path}")
     return patches
+
+
+def published_cfg(config_file: str, opts: List[str], *add_config: Callable):
+    """A published implementation's config (imported first): Detectron2's and DeepLab's
+    defaults, each of ``add_config`` (the project's own ``add_*_config``), then ``config_file``
+    and ``opts``; not frozen."""
+    from detectron2.config import get_cfg
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    for add in add_config:
+        add(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    return cfg
 
 
 def peak_rss_mib() -> float:

@@ -53,15 +53,9 @@ def _cfg(impl: str, published_pem: str):
 
         cfg = get_maskformer_cfg(OURS_CONFIG, opts)
     else:
-        from detectron2.config import get_cfg
-        from detectron2.projects.deeplab import add_deeplab_config
         from pem import add_maskformer2_config
 
-        cfg = get_cfg()
-        add_deeplab_config(cfg)
-        add_maskformer2_config(cfg)
-        cfg.merge_from_file(os.path.join(published_pem, PUBLISHED_CONFIG))
-        cfg.merge_from_list(opts)
+        cfg = pub.published_cfg(os.path.join(published_pem, PUBLISHED_CONFIG), opts, add_maskformer2_config)
     cfg.freeze()
     return cfg
 

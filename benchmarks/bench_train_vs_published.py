@@ -255,18 +255,12 @@ def worker(a) -> None:
     else:
         patches = pub.import_published(a.published)
         patches += [p for p in [_adapt_published_criterion()] if p]
-        from detectron2.config import get_cfg
         from detectron2.engine import default_argument_parser, default_setup
-        from detectron2.projects.deeplab import add_deeplab_config
         from mask2former import add_maskformer2_config
 
         _register(a.coco_root)
         args = default_argument_parser().parse_args(["--config-file", setting["config"]] + opts)
-        cfg = get_cfg()
-        add_deeplab_config(cfg)
-        add_maskformer2_config(cfg)
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+        cfg = pub.published_cfg(args.config_file, args.opts, add_maskformer2_config)
         cfg.freeze()
         default_setup(cfg, args)
         trainer_cls = _published_trainer()

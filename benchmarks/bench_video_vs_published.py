@@ -38,17 +38,10 @@ def _cfg(impl: str, config: str, opts: List[str]):
 
         cfg = get_maskformer_cfg(config, opts)
     else:
-        from detectron2.config import get_cfg
-        from detectron2.projects.deeplab import add_deeplab_config
         from mask2former import add_maskformer2_config
         from mask2former_video import add_maskformer2_video_config
 
-        cfg = get_cfg()
-        add_deeplab_config(cfg)
-        add_maskformer2_config(cfg)
-        add_maskformer2_video_config(cfg)
-        cfg.merge_from_file(config)
-        cfg.merge_from_list(opts)
+        cfg = pub.published_cfg(config, opts, add_maskformer2_config, add_maskformer2_video_config)
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     cfg.freeze()
     return cfg
@@ -60,13 +53,9 @@ def _frames(video: str, n: int, short_side: int):
     import cv2
     import numpy as np
 
-    cap = cv2.VideoCapture(video)
-    clip = []
-    while len(clip) < n:
-        ok, f = cap.read()
-        if not ok:
-            break
-        clip.append(f)
+    from mask2former_d2.predictor import video_frames
+
+    clip = list(video_frames(video, n))
     if not clip:
         raise FileNotFoundError(f"{video}: no frames could be decoded; expected a readable video file")
     h, w = clip[0].shape[:2]

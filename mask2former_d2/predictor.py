@@ -28,11 +28,46 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from .checkpoint import MaskFormerCheckpointer
 
-__all__ = ["Predictor", "VisualizationDemo", "check_bgr_image", "filter_instances", "resize_transform"]
+__all__ = [
+    "Predictor",
+    "VisualizationDemo",
+    "check_bgr_image",
+    "filter_instances",
+    "resize_transform",
+    "video_frames",
+]
 
 logger = logging.getLogger(__name__)
 
 _INPUT_FORMATS = ("BGR", "RGB")
+
+
+def video_frames(video: Union[str, cv2.VideoCapture], limit: Optional[int] = None) -> Iterator[np.ndarray]:
+    """The (H, W, 3) BGR frames of a video, read lazily until the stream ends or ``limit``
+    frames have been read.
+
+    Args:
+        video: a file, opened and released here, or an opened ``cv2.VideoCapture``, read but
+            not released.
+        limit: the most frames to read; None reads them all.
+
+    Raises:
+        ValueError: naming the file, if OpenCV cannot open it as a video (when iteration starts).
+    """
+    capture = cv2.VideoCapture(video) if isinstance(video, str) else video
+    try:
+        if isinstance(video, str) and not capture.isOpened():
+            raise ValueError(f"{video}: OpenCV cannot open this file as a video")
+        count = 0
+        while limit is None or count < limit:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            count += 1
+            yield frame
+    finally:
+        if isinstance(video, str):
+            capture.release()
 
 
 def check_bgr_image(image: Any) -> np.ndarray:
@@ -466,10 +501,7 @@ class VisualizationDemo:
     def _iter_frames(
         self, video: cv2.VideoCapture, video_visualizer: VideoVisualizer
     ) -> Iterator[np.ndarray]:
-        while True:
-            ok, frame = video.read()
-            if not ok:
-                return
+        for frame in video_frames(video):
             yield self._draw_frame(video_visualizer, frame)
 
     def _draw_frame(self, video_visualizer: VideoVisualizer, frame: np.ndarray) -> np.ndarray:

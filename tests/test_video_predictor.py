@@ -9,23 +9,13 @@ import numpy as np
 import torch
 from detectron2.data import transforms as T
 
+from mask2former_d2.predictor import video_frames
 from mask2former_d2.video_predictor import VideoPredictor
 from tests.common import DATA
 from tests.modeling.video.common import video_cfg
 
 CLIP = os.path.join(DATA, "video", "mmpose_demo.mp4")
 
-
-def read_frames(path, count):
-    video = cv2.VideoCapture(path)
-    frames = []
-    while len(frames) < count:
-        ok, frame = video.read()
-        if not ok:
-            break
-        frames.append(frame)
-    video.release()
-    return frames
 
 
 def predictor(*opts):
@@ -61,7 +51,7 @@ def assert_same(test, got, expected):
 class TestVideoPredictor(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.frames = read_frames(CLIP, 3)  # (540, 960, 3) BGR
+        cls.frames = list(video_frames(CLIP, 3))  # (540, 960, 3) BGR
         cls.pred = predictor()
 
     def test_matches_model_on_prepared_frames(self):

@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mask2former_d2.config import get_cpu_tool_cfg, validate_cfg  # noqa: E402
 from mask2former_d2.data.datasets.custom import add_dataset_argument  # noqa: E402
 from mask2former_d2.engine.launch import run_cli  # noqa: E402
-from mask2former_d2.predictor import Predictor  # noqa: E402
+from mask2former_d2.predictor import Predictor, video_frames  # noqa: E402
 
 logger = logging.getLogger("mask2former_d2.predict")
 
@@ -158,17 +158,10 @@ def read_ids(json_file: str) -> Dict[str, Any]:
 
 
 def _read_video(path: str) -> Iterator[np.ndarray]:
-    video = cv2.VideoCapture(path)
-    if not video.isOpened():
-        raise PredictError(f"{path}: OpenCV cannot open this file as a video")
     try:
-        while True:
-            ok, frame = video.read()
-            if not ok:
-                return
-            yield frame
-    finally:
-        video.release()
+        yield from video_frames(path)
+    except ValueError as e:
+        raise PredictError(str(e)) from None
 
 
 def _video_length(path: str) -> int:

@@ -27,6 +27,7 @@ from PIL import Image
 from mask2former_d2.config import get_maskformer_cfg
 from mask2former_d2.data.datasets.custom import ENV_VAR, parse_spec
 from mask2former_d2.evaluation import build_evaluator
+from mask2former_d2.predictor import video_frames
 from tests.common import DATA, ROOT, TINY_CONFIG, load_script
 
 VIDEO_CONFIG = os.path.join(ROOT, "configs", "quickstart", "video_maskformer2_R18_tiny_toy_ytvis.yaml")
@@ -85,13 +86,11 @@ def write_ytvis_from_video(root: str) -> str:
 
     from tests.data.video_fixtures import box_mask, write_ytvis
 
-    video = cv2.VideoCapture(os.path.join(DATA, "video", "mmpose_demo.mp4"))
-    frames = {}
-    for t in range(5):
-        ok, frame = video.read()
-        assert ok, "cannot decode video/mmpose_demo.mp4"
-        frames[f"clip/{t:05d}.jpg"] = cv2.resize(frame, (240, 136))[:, :, ::-1].copy()
-    video.release()
+    frames = {
+        f"clip/{t:05d}.jpg": cv2.resize(frame, (240, 136))[:, :, ::-1].copy()
+        for t, frame in enumerate(video_frames(os.path.join(DATA, "video", "mmpose_demo.mp4"), 5))
+    }
+    assert len(frames) == 5, "cannot decode 5 frames of video/mmpose_demo.mp4"
     h, w = 136, 240
     tracks = {
         1: (7, [box_mask(h, w, 20, 10 + 5 * t, 90, 60 + 5 * t) for t in range(5)]),

@@ -349,10 +349,13 @@ class TestMissingFiles(unittest.TestCase):
                 self.assertIn(datasets_root(), str(ctx.exception))
 
 
-def _class_tmpdir(cls) -> str:
-    """A temporary folder for the test class ``cls``, removed after its last test."""
+def _class_data_root(cls, *parts: str) -> str:
+    """A temporary dataset root for the test class ``cls`` (removed after its last test) that
+    links each of ``parts`` of the shared data at the same relative path."""
     tmp = tempfile.mkdtemp()
     cls.addClassCleanup(shutil.rmtree, tmp)
+    for part in parts:
+        link(DATA / part, Path(tmp) / part)
     return tmp
 
 
@@ -360,12 +363,10 @@ def _class_tmpdir(cls) -> str:
 class TestCocoPanopticWithSemSeg(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = _class_tmpdir(cls)
-        coco_dir = Path(cls.tmp) / "coco"
-        for sub in ("val2017", "panoptic_val2017"):
-            link(DATA / "coco" / sub, coco_dir / sub)
-        for name in ("panoptic_val2017.json", "instances_val2017.json"):
-            link(DATA / "coco" / "annotations" / name, coco_dir / "annotations" / name)
+        cls.tmp = _class_data_root(
+            cls, "coco/val2017", "coco/panoptic_val2017", "coco/annotations/panoptic_val2017.json",
+            "coco/annotations/instances_val2017.json",
+        )
         cls.script = load_script("prepare_coco_semantic_annos_from_panoptic")
         cls.first_run = cls.script.main(["--root", cls.tmp])
         with open(DATA / "coco" / "annotations" / "panoptic_val2017.json") as f:
@@ -429,12 +430,11 @@ class TestAde20k(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.tmp = _class_tmpdir(cls)
+        cls.tmp = _class_data_root(
+            cls, "ADEChallengeData2016/images/validation", "ADEChallengeData2016/annotations/validation"
+        )
         cls.base = Path(cls.tmp) / "ADEChallengeData2016"
-        src = DATA / "ADEChallengeData2016"
-        link(src / "images" / "validation", cls.base / "images" / "validation")
-        link(src / "annotations" / "validation", cls.base / "annotations" / "validation")
-        cls.components = cls._derive_instance_annotations(src / "annotations" / "validation")
+        cls.components = cls._derive_instance_annotations(DATA / "ADEChallengeData2016" / "annotations" / "validation")
         cls.sem_script = load_script("prepare_ade20k_sem_seg")
         cls.pan_script = load_script("prepare_ade20k_pan_seg")
         cls.ins_script = load_script("prepare_ade20k_ins_seg")
@@ -577,9 +577,8 @@ class TestAde20k(unittest.TestCase):
 class TestAde20kFull(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = _class_tmpdir(cls)
+        cls.tmp = _class_data_root(cls, "ADE20K_2021_17_01/images")
         cls.base = Path(cls.tmp) / "ADE20K_2021_17_01"
-        link(DATA / "ADE20K_2021_17_01" / "images", cls.base / "images")
         cls.script = load_script("prepare_ade20k_full_sem_seg")
         cls.first_run = cls.script.main(["--root", cls.tmp, "--splits", "training"])
 

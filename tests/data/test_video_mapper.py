@@ -7,6 +7,7 @@ from mask2former_d2.config import get_maskformer_cfg
 from mask2former_d2.data.datasets.ytvis import load_ytvis_json
 from mask2former_d2.data.mappers import YTVISDatasetMapper, build_dataset_mapper
 from mask2former_d2.data.mappers.video import select_clip_frames
+from mask2former_d2.predictor import video_frames
 
 from .video_fixtures import box_mask, write_ytvis
 
@@ -183,14 +184,7 @@ def test_real_clip_from_shared_video(tmp_path):
     path = os.path.join(SHARED, "data", "video", "mmpose_demo.mp4")
     if not os.path.isfile(path):
         pytest.skip(f"shared clip not found: {path}")
-    cap = cv2.VideoCapture(path)
-    frames = []
-    while len(frames) < 4:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    cap.release()
+    frames = [cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) for frame in video_frames(path, 4)]
     h, w = frames[0].shape[:2]
     track = [box_mask(h, w, h // 4, w // 4 + 10 * t, h // 2, w // 2 + 10 * t) for t in range(len(frames))]
     track[1] = None  # absent from frame 1

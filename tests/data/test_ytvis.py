@@ -158,5 +158,6 @@ def test_mask_size_mismatch_is_named(tmp_path):
     content = json.load(open(json_file))
     content["videos"][0]["height"] = H + 1
     json.dump(content, open(json_file, "w"))
-    with pytest.raises(ValueError, match=r"annotation 7, frame 0\): RLE size \(H, W\) = \(24, 32\) does not match the video"):
+    message = r"annotation 7, frame 0\): RLE size \(H, W\) = \(24, 32\) does not match the video"
+    with pytest.raises(ValueError, match=message):
         load_ytvis_json(json_file, str(tmp_path / "JPEGImages"))

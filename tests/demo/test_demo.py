@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 
 from mask2former_d2 import add_maskformer2_config
-from mask2former_d2.predictor import Predictor, VisualizationDemo, filter_instances
+from mask2former_d2.predictor import Predictor, VisualizationDemo, filter_instances, video_frames
 from tests.common import DATA
 from tests.common import ROOT as REPO_ROOT
 
@@ -255,6 +256,34 @@ class _FakeCapture:
         return True, self.frames[self.reads - 1]
 
 
+class TestVideoFrames(_TempDirCase):
+    def test_capture_is_read_lazily_up_to_the_limit_and_not_released(self):
+        frames = [np.full((2, 3, 3), t, np.uint8) for t in range(5)]
+        capture = _FakeCapture(frames)
+        stream = video_frames(capture, limit=3)
+        self.assertEqual(capture.reads, 0)
+        self.assertEqual([int(f[0, 0, 0]) for f in stream], [0, 1, 2])
+        self.assertEqual(capture.reads, 3)
+        self.assertEqual(len(list(video_frames(capture))), 2)  # the rest, to the end
+
+    @unittest.skipUnless(os.path.isfile(SHARED_VIDEO), NO_SHARED_VIDEO)
+    def test_file_frames_equal_opencv(self):
+        capture = cv2.VideoCapture(SHARED_VIDEO)
+        expected = [capture.read()[1] for _ in range(4)]
+        capture.release()
+        got = list(video_frames(SHARED_VIDEO, 4))
+        self.assertEqual(len(got), 4)
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+
+    def test_unreadable_file_is_named(self):
+        path = os.path.join(self.tmp, "not_a_video.mp4")
+        with open(path, "w") as f:
+            f.write("text")
+        with self.assertRaisesRegex(ValueError, f"{re.escape(path)}: OpenCV cannot open this file as a video"):
+            list(video_frames(path))
+
+
 class TestVisualizationDemo(_TempDirCase):
     H, W = 60, 80
 
@@ -454,14 +483,8 @@ class TestDemoScript(_TempDirCase):
             self.assertTrue(written.isOpened(), expected_path)
             for prop in (cv2.CAP_PROP_FPS, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT):
                 self.assertEqual(written.get(prop), source.get(prop))
-            count = 0
-            while True:
-                ok, frame = written.read()
-                if not ok:
-                    break
-                self.assertEqual(frame.shape, (height, width, 3))
-                count += 1
-            self.assertEqual(count, num_frames)
+            shapes = [frame.shape for frame in video_frames(written)]
+            self.assertEqual(shapes, [(height, width, 3)] * num_frames)
         finally:
             source.release()
             written.release()

@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import torch
 
+from mask2former_d2.predictor import video_frames
+
 from ..common import TINY_CONFIG, load_script
 from ..test_checkpoint import _torchvision_resnet_state_dict
 
@@ -194,13 +196,7 @@ class TestUnusualInputs(unittest.TestCase):
         with self.assertRaises(SystemExit) as ctx:
             demo_video.cli(["--config-file", video_config, "--input", frames, "--output", out])
         self.assertEqual(ctx.exception.code, 0)
-        video = cv2.VideoCapture(os.path.join(out, "odd_clip.avi"))
-        sizes = []
-        while True:
-            ok, frame = video.read()
-            if not ok:
-                break
-            sizes.append(frame.shape)
+        sizes = [frame.shape for frame in video_frames(os.path.join(out, "odd_clip.avi"))]
         self.assertEqual(sizes, [(33, 97, 3)] * 3)
         # An .mp4 cannot keep it: said before the model runs, naming the way that does.
         stderr = io.StringIO()

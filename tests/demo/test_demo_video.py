@@ -13,6 +13,7 @@ from detectron2.data import Metadata
 from detectron2.modeling import build_model
 
 from mask2former_d2.config import get_maskformer_cfg
+from mask2former_d2.predictor import video_frames
 from mask2former_d2.video_predictor import VideoVisualizationDemo
 from tests.common import DATA, ROOT
 
@@ -28,13 +29,10 @@ def run_demo(*args, timeout=600):
 
 def read_all(path):
     video = cv2.VideoCapture(path)
-    frames = []
-    while True:
-        ok, frame = video.read()
-        if not ok:
-            break
-        frames.append(frame)
-    return frames, video.get(cv2.CAP_PROP_FPS)
+    frames = list(video_frames(video))
+    fps = video.get(cv2.CAP_PROP_FPS)
+    video.release()
+    return frames, fps
 
 
 def reference_frames(frames, weights, *opts, confidence_threshold=0.5):

@@ -177,6 +177,9 @@ class TestMultiHeadAttention(unittest.TestCase):
 
 
 class TestMultiScaleMaskedTransformerDecoder(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)  # tests that need other draws reseed
+
     def test_state_dict_matches_published_checkpoint(self):
         cfg = _cfg(DEC_LAYERS=4, HIDDEN_DIM=128, DIM_FEEDFORWARD=512, NUM_OBJECT_QUERIES=30)
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
@@ -245,7 +248,6 @@ class TestMultiScaleMaskedTransformerDecoder(unittest.TestCase):
 
     def test_aux_outputs_match_naive_reference(self):
         # 4 layers: level 0 is read twice, so the attention masks of a revisited level count.
-        torch.manual_seed(0)
         dec = _mask2former(num_layers=4).train()
         x, mf = _inputs()
         with torch.no_grad():
@@ -375,7 +377,6 @@ class TestMultiScaleMaskedTransformerDecoder(unittest.TestCase):
         self.assertIsNotNone(mf.grad)
 
     def test_bfloat16_autocast_close_to_float32(self):
-        torch.manual_seed(0)
         dec = _mask2former(num_layers=3).eval()
         x, mf = _inputs()
         with torch.no_grad():

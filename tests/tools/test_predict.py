@@ -25,7 +25,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from mask2former_d2.config import get_maskformer_cfg
-from mask2former_d2.predictor import Predictor
+from mask2former_d2.predictor import Predictor, video_frames
 from tests.common import DATA, ROOT, load_script, save_checkpoint, tiny_cfg
 from tests.data.test_custom_datasets import (
     COCO,
@@ -202,10 +202,8 @@ class TestPredictCommand(unittest.TestCase):
     def check_against_predictor(self, out):
         images = {"000000142238": cv2.imread(os.path.join(self.inputs, "000000142238.jpg")),
                   "sub/ADE_val_00000003": cv2.imread(os.path.join(self.inputs, "sub", "ADE_val_00000003.jpg"))}
-        video = cv2.VideoCapture(VIDEO)
-        for t in range(5):
-            images[f"mmpose_demo/{t:06d}"] = video.read()[1]
-        video.release()
+        for t, frame in enumerate(video_frames(VIDEO, 5)):
+            images[f"mmpose_demo/{t:06d}"] = frame
         with open(os.path.join(out, "panoptic.json")) as f:
             panoptic = {a["file_name"][:-4]: a for a in json.load(f)["annotations"]}
         with open(os.path.join(out, "instances.json")) as f:
@@ -272,10 +270,8 @@ class TestPredictVideoModel(unittest.TestCase):
             weights = save_checkpoint(build_model(cfg), tmp, "pth")
             frames_dir = os.path.join(tmp, "frames", "clip_a")
             os.makedirs(frames_dir)
-            video = cv2.VideoCapture(VIDEO)
-            for t in range(3):
-                cv2.imwrite(os.path.join(frames_dir, f"{t:05d}.jpg"), video.read()[1])
-            video.release()
+            for t, frame in enumerate(video_frames(VIDEO, 3)):
+                cv2.imwrite(os.path.join(frames_dir, f"{t:05d}.jpg"), frame)
             out = os.path.join(tmp, "out")
             ytvis_json = os.path.join(tmp, "ytvis.json")  # the id of clip_a in a YouTube-VIS json
             with open(ytvis_json, "w") as f:
@@ -294,9 +290,7 @@ class TestPredictVideoModel(unittest.TestCase):
             cfg.defrost()
             cfg.MODEL.WEIGHTS = weights
             predictor = VideoPredictor(cfg)
-            capture = cv2.VideoCapture(VIDEO)
-            frames = [capture.read()[1] for _ in range(5)]
-            capture.release()
+            frames = list(video_frames(VIDEO, 5))
             expected = predictor(frames)
             mine = [r for r in results if r["video_id"] == videos["mmpose_demo"]["id"]]
             self.assertEqual(videos["mmpose_demo"]["length"], 5)
