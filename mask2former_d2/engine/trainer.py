@@ -11,6 +11,7 @@ import re
 import weakref
 from typing import List, Optional
 
+import torch
 from detectron2.data import (
     DatasetMapper,
     MetadataCatalog,
@@ -19,9 +20,11 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.projects.deeplab import build_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch import nn
 
 from ..checkpoint import MaskFormerCheckpointer
 from ..data.mappers import build_dataset_mapper
@@ -30,7 +33,7 @@ from ..solver import build_optimizer
 from ..test_time_augmentation import SemanticSegmentorWithTTA
 from .amp import MaskFormerAMPTrainer
 
-__all__ = ["Trainer", "dataset_files", "load_train_dicts"]
+__all__ = ["Trainer", "all_reduce_batchnorm", "dataset_files", "load_train_dicts", "share_main_process_buffers"]
 
 # Metadata fields that name a dataset's files, for messages about its content.
 _FILE_FIELDS = ("json_file", "panoptic_json", "sem_seg_root", "image_root")
@@ -128,6 +131,41 @@ def _non_finite_message(error: FloatingPointError, lr: float, base_lr: float) ->
     )
 
 
+def all_reduce_batchnorm(module: nn.Module) -> int:
+    """Replaces every ``nn.SyncBatchNorm`` in ``module`` with Detectron2's ``NaiveSyncBatchNorm``
+    (statistics of all processes through ``all_reduce``, weighted by their batch sizes), with
+    the same state. Returns how many were replaced.
+
+    Why: ``nn.SyncBatchNorm`` needs CUDA, so a multi-process CPU run (gloo) could not train a
+    model that synchronises BatchNorm (PEM's decoder and ``NORM: "SyncBN"`` configs). With the
+    same crop size in every process the statistics are those ``nn.SyncBatchNorm`` computes.
+    """
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.SyncBatchNorm):
+                replacement = NaiveSyncBatchNorm(
+                    child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine,
+                    track_running_stats=child.track_running_stats, stats_mode="N",
+                )
+                like = child.weight if child.weight is not None else child.running_mean
+                if like is not None:  # the same dtype (and device) as the module replaced
+                    replacement.to(device=like.device, dtype=like.dtype)
+                replacement.load_state_dict(child.state_dict())
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
+                count += 1
+    return count
+
+
+def share_main_process_buffers(model: nn.Module) -> None:
+    """Copies the main process's buffers (BatchNorm statistics, ...) into ``model`` in every
+    process of a multi-process run; nothing in a single process. Every process must call it."""
+    if comm.get_world_size() > 1:
+        for buffer in getattr(model, "module", model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def _create_ddp_model(model, **kwargs):
     # Detectron2 passes the local rank as ``device_ids``, which DDP rejects for a CPU model
     # (``--num-gpus 2 MODEL.DEVICE cpu`` could not start).
@@ -161,6 +199,20 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model; in a multi-process CPU run its synchronised BatchNorms go through
+        :func:`all_reduce_batchnorm`."""
+        model = super().build_model(cfg)
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            count = all_reduce_batchnorm(model)
+            if count:
+                logging.getLogger(__name__).info(
+                    f"{count} SyncBatchNorm layers synchronise through all_reduce (NaiveSyncBatchNorm): "
+                    "nn.SyncBatchNorm needs CUDA"
+                )
+        return model
+
     def train(self):
         """Detectron2's training; a loss that became infinite or NaN is one ``ValueError``
         naming the iteration, the loss terms and the learning rate."""
@@ -169,6 +221,19 @@ class Trainer(DefaultTrainer):
         except FloatingPointError as e:
             lr = max(group["lr"] for group in self._trainer.optimizer.param_groups)
             raise ValueError(_non_finite_message(e, lr, self.cfg.SOLVER.BASE_LR)) from e
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Detectron2's evaluation, after every process has taken the main process's buffers
+        (:func:`share_main_process_buffers`).
+
+        Why: DDP runs with ``broadcast_buffers=False``, so BatchNorm statistics that are not
+        synchronised (PEM's STDC backbone) differ between processes after training; each process
+        evaluates its share of the images, and the metrics are then those of a mixture of models.
+        With the main process's buffers they are those of the checkpoint it saves.
+        """
+        share_main_process_buffers(model)
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
