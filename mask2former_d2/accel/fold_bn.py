@@ -100,10 +100,9 @@ def fold_batchnorm(module: nn.Module) -> int:
     plain or synchronised) by a :class:`FoldedBNConv2d` sharing its tensors (done once, when the
     model is built; whether a call folds is decided by the norm's mode then). Returns how many."""
     count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            norm = getattr(child, "norm", None)
-            if type(child) is Conv2d and isinstance(norm, (FrozenBatchNorm2d, nn.modules.batchnorm._BatchNorm)):
-                setattr(parent, name, FoldedBNConv2d.from_conv(child))
-                count += 1
+    for name, child in list(module.named_modules(remove_duplicate=False)):
+        norm = getattr(child, "norm", None)
+        if name and type(child) is Conv2d and isinstance(norm, (FrozenBatchNorm2d, nn.modules.batchnorm._BatchNorm)):
+            module.set_submodule(name, FoldedBNConv2d.from_conv(child))
+            count += 1
     return count

@@ -141,20 +141,19 @@ def all_reduce_batchnorm(module: nn.Module) -> int:
     same crop size in every process the statistics are those ``nn.SyncBatchNorm`` computes.
     """
     count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.SyncBatchNorm):
-                replacement = NaiveSyncBatchNorm(
-                    child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine,
-                    track_running_stats=child.track_running_stats, stats_mode="N",
-                )
-                like = child.weight if child.weight is not None else child.running_mean
-                if like is not None:  # the same dtype (and device) as the module replaced
-                    replacement.to(device=like.device, dtype=like.dtype)
-                replacement.load_state_dict(child.state_dict())
-                replacement.train(child.training)
-                setattr(parent, name, replacement)
-                count += 1
+    for name, child in list(module.named_modules(remove_duplicate=False)):
+        if name and isinstance(child, nn.SyncBatchNorm):
+            replacement = NaiveSyncBatchNorm(
+                child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine,
+                track_running_stats=child.track_running_stats, stats_mode="N",
+            )
+            like = child.weight if child.weight is not None else child.running_mean
+            if like is not None:  # the same dtype (and device) as the module replaced
+                replacement.to(device=like.device, dtype=like.dtype)
+            replacement.load_state_dict(child.state_dict())
+            replacement.train(child.training)
+            module.set_submodule(name, replacement)
+            count += 1
     return count
 
 
